@@ -78,9 +78,17 @@ pub enum IoError {
 #[derive(Debug)]
 pub enum Op<'a> {
     /// Fill `buf` from `fd` at `offset`; reaching end of file is an `UnexpectedEof` error.
-    Read { fd: RawFd, buf: &'a mut [u8], offset: u64 },
+    Read {
+        fd: RawFd,
+        buf: &'a mut [u8],
+        offset: u64,
+    },
     /// Write all of `buf` to `fd` at `offset`.
-    Write { fd: RawFd, buf: &'a [u8], offset: u64 },
+    Write {
+        fd: RawFd,
+        buf: &'a [u8],
+        offset: u64,
+    },
     /// `fdatasync(fd)`.
     Fdatasync { fd: RawFd },
     /// Send all of `buf` on a connected socket.

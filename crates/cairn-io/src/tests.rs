@@ -53,7 +53,12 @@ fn read_past_end_is_unexpected_eof() {
         f.set_len(100).unwrap();
         let mut buf = vec![0u8; 4096];
         let err = io.read_at(f.as_raw_fd(), &mut buf, 0).unwrap_err();
-        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof, "{}", io.backend());
+        assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::UnexpectedEof,
+            "{}",
+            io.backend()
+        );
     }
 }
 
@@ -115,7 +120,13 @@ fn send_then_recv_in_one_batch() {
 
 #[test]
 fn engine_choice_parses() {
-    assert_eq!("uring".parse::<EngineChoice>().unwrap(), EngineChoice::Uring);
-    assert_eq!("portable".parse::<EngineChoice>().unwrap(), EngineChoice::Portable);
+    assert_eq!(
+        "uring".parse::<EngineChoice>().unwrap(),
+        EngineChoice::Uring
+    );
+    assert_eq!(
+        "portable".parse::<EngineChoice>().unwrap(),
+        EngineChoice::Portable
+    );
     assert!("fast".parse::<EngineChoice>().is_err());
 }

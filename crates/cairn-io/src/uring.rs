@@ -94,10 +94,7 @@ impl Ring {
                 }
             });
         }
-        results
-            .into_iter()
-            .map(|r| r.unwrap_or(Ok(0)))
-            .collect()
+        results.into_iter().map(|r| r.unwrap_or(Ok(0))).collect()
     }
 
     /// Submits what is queued and reaps exactly `count` completions, calling `on_cqe` for

@@ -1,0 +1,164 @@
+//! Recovery at open and offline verification.
+//!
+//! After a crash the only places where a block's data and its checksum can disagree without
+//! real corruption are the regions marked in the dirty-region log, in the head and in the
+//! target of an interrupted merge. `recover` recomputes the checksums of the blocks those
+//! layers hold there, makes them durable, clears the log, and completes the merge. Anywhere
+//! else a mismatch is reported as corruption, by reads and by [`Store::scrub`].
+
+use std::fs;
+use std::path::Path;
+
+use cairn_io::Op;
+
+use crate::error::Result;
+use crate::layer::LAYER_DIR;
+use crate::meta::Meta;
+use crate::{CorruptBlock, Store, BLOCK_SIZE, BS};
+
+/// Removes layer files no metadata names (left by a crash between creating a layer and
+/// saving the metadata, or between saving and deleting) and stale temp files.
+pub(crate) fn remove_orphans(dir: &Path, meta: &Meta) -> Result<()> {
+    let _ = fs::remove_file(dir.join(format!(".{}.tmp", crate::meta::META_FILE)));
+    let entries = match fs::read_dir(dir.join(LAYER_DIR)) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let id = name.split('.').next().and_then(|s| s.parse::<u64>().ok());
+        if id.is_none_or(|id| meta.layer(id).is_none()) {
+            tracing::warn!(file = %name, "removing orphan layer file");
+            fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+impl Store {
+    pub(crate) fn recover(&mut self) -> Result<()> {
+        let marked: Vec<u32> = self.dirty.marked().iter().collect();
+        self.recovery.dirty_regions = marked.len() as u64;
+        let mut targets = vec![self.meta.head];
+        if let Some(m) = self.meta.merging {
+            if !targets.contains(&m.into) {
+                targets.push(m.into);
+            }
+        }
+        if !marked.is_empty() {
+            let region_blocks = self.dirty.region_size() / BS;
+            for &id in &targets {
+                for &region in &marked {
+                    let first = u64::from(region) * region_blocks;
+                    let repaired = self.recompute_checksums(id, first, region_blocks)?;
+                    self.recovery.checksums_repaired += repaired;
+                }
+                let l = &self.layers[&id];
+                let fds = [l.crc_fd()];
+                self.io.fdatasync(&fds)?;
+            }
+            self.dirty.clear_all(&mut self.io)?;
+            tracing::info!(
+                regions = marked.len(),
+                repaired = self.recovery.checksums_repaired,
+                "dirty regions recovered"
+            );
+        }
+        if let Some(m) = self.meta.merging {
+            tracing::info!(from = m.from, into = m.into, "completing interrupted merge");
+            self.merge(m)?;
+            self.recovery.merge_completed = true;
+        }
+        self.collect_removed()
+    }
+
+    /// Rewrites the stored checksum of every block layer `id` holds in
+    /// `first..first+count` whose data no longer matches it. Returns how many it rewrote.
+    fn recompute_checksums(&mut self, id: u64, first: u64, count: u64) -> Result<u64> {
+        let mut repaired = 0;
+        let blocks: Vec<u32> = {
+            let lo = u32::try_from(first).unwrap_or(u32::MAX);
+            let hi = u32::try_from(first + count).unwrap_or(u32::MAX);
+            self.layers[&id].blocks.range(lo..hi).collect()
+        };
+        let (dfd, cfd) = (self.layers[&id].data_fd(), self.layers[&id].crc_fd());
+        let mut data = vec![0u8; BLOCK_SIZE as usize];
+        let mut crc = [0u8; 4];
+        for b in blocks {
+            let b = u64::from(b);
+            self.io.run_all(&mut [
+                Op::Read {
+                    fd: dfd,
+                    buf: &mut data,
+                    offset: b * BS,
+                },
+                Op::Read {
+                    fd: cfd,
+                    buf: &mut crc,
+                    offset: b * 4,
+                },
+            ])?;
+            let actual = crc32fast::hash(&data);
+            if actual != u32::from_le_bytes(crc) {
+                self.io.write_at(cfd, &actual.to_le_bytes(), b * 4)?;
+                repaired += 1;
+            }
+        }
+        Ok(repaired)
+    }
+
+    /// Verifies every block every layer holds against its checksum and lists the bad ones.
+    /// `progress` is called with (blocks checked, blocks in all).
+    pub fn scrub(&mut self, mut progress: impl FnMut(u64, u64)) -> Result<Vec<CorruptBlock>> {
+        let total: u64 = self.layers.values().map(|l| l.blocks.len()).sum();
+        let mut done = 0u64;
+        let mut bad = Vec::new();
+        let mut ids: Vec<u64> = self.layers.keys().copied().collect();
+        ids.sort_unstable();
+        let mut data = vec![0u8; 256 * BLOCK_SIZE as usize];
+        let mut crcs = vec![0u8; 256 * 4];
+        for id in ids {
+            let blocks: Vec<u32> = self.layers[&id].blocks.iter().collect();
+            let (dfd, cfd) = (self.layers[&id].data_fd(), self.layers[&id].crc_fd());
+            let name = self.layer_name(id);
+            let mut i = 0;
+            while i < blocks.len() {
+                let start = blocks[i];
+                let mut n = 1usize;
+                while n < 256 && i + n < blocks.len() && u64::from(blocks[i + n]) == u64::from(start) + n as u64 {
+                    n += 1;
+                }
+                let first = u64::from(start);
+                let (d, c) = (&mut data[..n * BLOCK_SIZE as usize], &mut crcs[..n * 4]);
+                self.io.run_all(&mut [
+                    Op::Read {
+                        fd: dfd,
+                        buf: d,
+                        offset: first * BS,
+                    },
+                    Op::Read {
+                        fd: cfd,
+                        buf: c,
+                        offset: first * 4,
+                    },
+                ])?;
+                for (k, block) in d.chunks(BLOCK_SIZE as usize).enumerate() {
+                    let s = &c[k * 4..k * 4 + 4];
+                    if crc32fast::hash(block) != u32::from_le_bytes([s[0], s[1], s[2], s[3]]) {
+                        bad.push(CorruptBlock {
+                            layer: name.clone(),
+                            offset: (first + k as u64) * BS,
+                        });
+                    }
+                }
+                i += n;
+                done += n as u64;
+                progress(done, total);
+            }
+        }
+        Ok(bad)
+    }
+}
