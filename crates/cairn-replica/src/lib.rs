@@ -1,1 +1,239 @@
-//! placeholder
+//! cairn-replica: serves every replica stored under one directory over TCP, speaking
+//! cairn-wire frames.
+//!
+//! Layout: `DIR/<volume>/<replica_id>/` is one replica (a `cairn-store` directory). A replica
+//! is created when an engine's Hello asks for it with a non-zero size.
+//!
+//! Guarantees:
+//! - Frames of one connection are applied in the order they arrived; writes that overlap are
+//!   never reordered, so replicas that receive the same frame sequence end byte-identical.
+//! - Epoch fencing: a Hello with an epoch below the replica's persisted epoch is refused, and
+//!   so is every later frame of a connection whose epoch has since been overtaken; a fenced
+//!   frame is never applied.
+//! - A bad frame (magic, CRC, length...) closes only its connection, with a logged reason.
+//!   A store error (no space, out of range, corruption...) is answered as that error kind and
+//!   the server goes on serving.
+//!
+//! One thread per connection; socket and file I/O go through `cairn-io` (io_uring or the
+//! portable fallback). Replicas are shared between connections behind a mutex.
+
+mod client;
+mod conn;
+mod session;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use cairn_io::{Backend, EngineChoice, Io};
+use cairn_store::{Store, StoreError};
+
+pub use client::{Client, ClientError};
+
+/// How a replica server runs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Directory holding every replica this server serves.
+    pub dir: PathBuf,
+    /// TCP address to listen on.
+    pub listen: SocketAddr,
+    /// I/O backend for sockets and files.
+    pub engine: EngineChoice,
+    /// Largest frame accepted, header included.
+    pub max_frame: usize,
+    /// Verify and store block checksums (always, except to measure what they cost).
+    pub checksums: bool,
+}
+
+/// Errors that stop a server from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot use data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("data directory {0} is in use by another replica server")]
+    Locked(PathBuf),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("I/O backend: {0}")]
+    Io(#[from] cairn_io::IoError),
+    #[error("replica {path}: {source}")]
+    Store { path: PathBuf, source: StoreError },
+}
+
+/// A bound replica server.
+pub struct Server {
+    config: ServerConfig,
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    backend: Backend,
+    _lock: File,
+}
+
+/// The replicas this server has open, by (volume, replica id).
+pub(crate) struct Registry {
+    dir: PathBuf,
+    engine: EngineChoice,
+    checksums: bool,
+    replicas: Mutex<HashMap<(String, String), Arc<Mutex<Store>>>>,
+}
+
+impl Registry {
+    fn path(&self, volume: &str, replica_id: &str) -> PathBuf {
+        self.dir.join(volume).join(replica_id)
+    }
+
+    /// The open replica, opening it from disk or creating it (when `create_size > 0`).
+    pub(crate) fn get(
+        &self,
+        volume: &str,
+        replica_id: &str,
+        create_size: u64,
+    ) -> Result<Arc<Mutex<Store>>, StoreError> {
+        let key = (volume.to_owned(), replica_id.to_owned());
+        let mut map = self.replicas.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = map.get(&key) {
+            return Ok(s.clone());
+        }
+        let path = self.path(volume, replica_id);
+        let store = if Store::exists(&path) {
+            Store::open(&path, self.engine)?
+        } else if create_size > 0 {
+            tracing::info!(volume, replica_id, size = create_size, "creating replica");
+            Store::create(&path, volume, replica_id, create_size, self.engine)?
+        } else {
+            return Err(StoreError::NotFound(format!(
+                "replica {volume}/{replica_id}"
+            )));
+        };
+        let mut store = store;
+        store.set_checksums(self.checksums);
+        let store = Arc::new(Mutex::new(store));
+        map.insert(key, store.clone());
+        Ok(store)
+    }
+}
+
+/// True for names usable as a path component: 1-128 of `[A-Za-z0-9._-]`, not starting with a
+/// dot.
+pub(crate) fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl Server {
+    /// Locks the data directory, opens (and recovers) every replica in it, and binds.
+    pub fn bind(config: ServerConfig) -> Result<Server, ServerError> {
+        let dir_err = |source| ServerError::DataDir {
+            path: config.dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(&config.dir).map_err(dir_err)?;
+        let lock = File::create(config.dir.join(".lock")).map_err(dir_err)?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+            .map_err(|_| ServerError::Locked(config.dir.clone()))?;
+        let backend = Io::new(config.engine)?.backend();
+        let registry = Arc::new(Registry {
+            dir: config.dir.clone(),
+            engine: config.engine,
+            checksums: config.checksums,
+            replicas: Mutex::new(HashMap::new()),
+        });
+        for (volume, replica_id) in list_replicas(&config.dir).map_err(dir_err)? {
+            let s = registry
+                .get(&volume, &replica_id, 0)
+                .map_err(|source| ServerError::Store {
+                    path: registry.path(&volume, &replica_id),
+                    source,
+                })?;
+            let s = s.lock().unwrap_or_else(|p| p.into_inner());
+            tracing::info!(
+                volume,
+                replica_id,
+                size = s.size(),
+                epoch = s.epoch(),
+                recovery = ?s.recovery_report(),
+                "replica opened"
+            );
+        }
+        let listener = TcpListener::bind(config.listen).map_err(|source| ServerError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        Ok(Server {
+            config,
+            listener,
+            registry,
+            backend,
+            _lock: lock,
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The I/O backend in use.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Accepts connections until the process ends; one thread each.
+    pub fn run(self) -> std::io::Result<()> {
+        tracing::info!(
+            listen = %self.local_addr()?,
+            dir = %self.config.dir.display(),
+            io = %self.backend,
+            "replica server ready"
+        );
+        for stream in self.listener.incoming() {
+            let stream = match stream {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            };
+            let registry = self.registry.clone();
+            let config = self.config.clone();
+            std::thread::Builder::new()
+                .name("cairn-conn".into())
+                .spawn(move || conn::serve_connection(stream, registry, &config))?;
+        }
+        Ok(())
+    }
+}
+
+/// `(volume, replica_id)` of every replica directory under `dir`.
+fn list_replicas(dir: &Path) -> std::io::Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for vol in std::fs::read_dir(dir)? {
+        let vol = vol?;
+        if !vol.file_type()?.is_dir() {
+            continue;
+        }
+        for rep in std::fs::read_dir(vol.path())? {
+            let rep = rep?;
+            if Store::exists(&rep.path()) {
+                out.push((
+                    vol.file_name().to_string_lossy().into_owned(),
+                    rep.file_name().to_string_lossy().into_owned(),
+                ));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}

@@ -36,6 +36,7 @@ use std::path::{Path, PathBuf};
 
 use cairn_io::{Backend, EngineChoice, Io};
 
+pub use data::{zero_block_crc, WriteReq, MAX_IO_BYTES};
 pub use error::{Result, StoreError};
 
 use dirty::DirtyLog;
@@ -125,6 +126,8 @@ pub struct Store {
     /// Set by a failed fdatasync: after it nothing is known durable, so every operation fails.
     failed: bool,
     recovery: RecoveryReport,
+    /// False only for benchmarks that measure what checksums cost.
+    checksums: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -175,6 +178,7 @@ impl Store {
             counters: Counters::default(),
             failed: false,
             recovery: RecoveryReport::default(),
+            checksums: true,
         })
     }
 
@@ -199,9 +203,16 @@ impl Store {
             counters: Counters::default(),
             failed: false,
             recovery: RecoveryReport::default(),
+            checksums: true,
         };
         store.recover()?;
         Ok(store)
+    }
+
+    /// Turns checksum verification and storage off (`false`) or on. Only for measuring what
+    /// checksums cost: blocks written while off read back as corrupt once it is on again.
+    pub fn set_checksums(&mut self, enabled: bool) {
+        self.checksums = enabled;
     }
 
     /// True when `dir` holds a replica.

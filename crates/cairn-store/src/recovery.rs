@@ -128,7 +128,10 @@ impl Store {
             while i < blocks.len() {
                 let start = blocks[i];
                 let mut n = 1usize;
-                while n < 256 && i + n < blocks.len() && u64::from(blocks[i + n]) == u64::from(start) + n as u64 {
+                while n < 256
+                    && i + n < blocks.len()
+                    && u64::from(blocks[i + n]) == u64::from(start) + n as u64
+                {
                     n += 1;
                 }
                 let first = u64::from(start);

@@ -1,0 +1,364 @@
+//! One connection's protocol state: which replica it is bound to, at which epoch, and the
+//! dispatch of decoded frames to the store, in arrival order.
+//!
+//! Runs of consecutive Write frames go to the store as one batch (the store keeps their
+//! order where they overlap); everything else is applied one frame at a time. Each frame
+//! gets exactly one reply, appended to `out` in arrival order.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::BytesMut;
+use cairn_store::{LayerSel, Store, StoreError, WriteReq};
+use cairn_wire::{
+    Counters, ErrorKind, Frame, LayerRef, Reply, ReplyBody, ReplyError, Request, SnapshotInfo,
+    StatusBody,
+};
+
+use crate::{valid_name, Registry};
+
+pub(crate) struct Session {
+    registry: Arc<Registry>,
+    bound: Option<Bound>,
+}
+
+struct Bound {
+    store: Arc<Mutex<Store>>,
+    epoch: u64,
+}
+
+type Outcome = Result<ReplyBody, ReplyError>;
+
+/// Maps a store error to its wire error kind: the one place this mapping lives.
+pub(crate) fn reply_error(e: &StoreError) -> ReplyError {
+    let (kind, detail) = match e {
+        StoreError::OutOfRange { .. } => (ErrorKind::OutOfRange, 0),
+        StoreError::Misaligned { .. } => (ErrorKind::Misaligned, 0),
+        StoreError::ChecksumMismatch { offset } => (ErrorKind::ChecksumMismatch, *offset),
+        StoreError::Corruption { offset, .. } => (ErrorKind::Corruption, *offset),
+        StoreError::NoSpace => (ErrorKind::NoSpace, 0),
+        StoreError::AlreadyExists(_) => (ErrorKind::AlreadyExists, 0),
+        StoreError::NotFound(_) => (ErrorKind::NotFound, 0),
+        StoreError::InvalidArgument(_) => (ErrorKind::InvalidArgument, 0),
+        StoreError::BadMeta { .. } | StoreError::Io(_) => (ErrorKind::Io, 0),
+    };
+    ReplyError::new(kind, detail, e.to_string())
+}
+
+fn err(kind: ErrorKind, msg: impl Into<String>) -> ReplyError {
+    ReplyError::new(kind, 0, msg)
+}
+
+fn layer_sel(l: &LayerRef) -> LayerSel {
+    match l {
+        LayerRef::Head => LayerSel::Head,
+        LayerRef::Snapshot(n) => LayerSel::Snapshot(n.clone()),
+        LayerRef::Merged => LayerSel::Merged,
+    }
+}
+
+fn status(s: &Store) -> StatusBody {
+    let c = s.counters();
+    StatusBody {
+        size: s.size(),
+        epoch: s.epoch(),
+        volume: s.volume().to_owned(),
+        replica_id: s.replica_id().to_owned(),
+        chain: s.chain_names(),
+        counters: Counters {
+            reads: c.reads,
+            writes: c.writes,
+            bytes_read: c.bytes_read,
+            bytes_written: c.bytes_written,
+            flushes: c.flushes,
+            errors: c.errors,
+            corruptions: c.corruptions,
+            dirty_regions: s.dirty_regions().1.len() as u64,
+        },
+    }
+}
+
+fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
+    store.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Session {
+    pub(crate) fn new(registry: Arc<Registry>) -> Session {
+        Session {
+            registry,
+            bound: None,
+        }
+    }
+
+    /// Applies `frames` in order and appends one reply per frame to `out`.
+    pub(crate) fn process(&mut self, frames: &[Frame], out: &mut BytesMut) {
+        let mut i = 0;
+        while i < frames.len() {
+            let decoded = Request::decode(&frames[i]);
+            let is_write = matches!(decoded, Ok(Request::Write { .. }));
+            if is_write && self.bound.is_some() {
+                // Gather the run of writes that follows.
+                let mut run = vec![(i, decoded)];
+                let mut j = i + 1;
+                while j < frames.len() {
+                    match Request::decode(&frames[j]) {
+                        Ok(r @ Request::Write { .. }) => run.push((j, Ok(r))),
+                        _ => break,
+                    }
+                    j += 1;
+                }
+                self.write_run(frames, run, out);
+                i = j;
+                continue;
+            }
+            let outcome = match decoded {
+                Ok(req) => self.apply(&frames[i], req),
+                Err(e) => Err(err(ErrorKind::InvalidArgument, format!("bad request: {e}"))),
+            };
+            self.reply(&frames[i], outcome, out);
+            i += 1;
+        }
+    }
+
+    fn reply(&self, frame: &Frame, result: Outcome, out: &mut BytesMut) {
+        let epoch = self
+            .bound
+            .as_ref()
+            .map_or(frame.header.epoch, |b| lock(&b.store).epoch());
+        let op = frame.header.op;
+        let reply = Reply {
+            request_id: frame.header.request_id,
+            epoch,
+            op,
+            result,
+        };
+        if let Err(e) = reply.try_encode(out) {
+            tracing::error!(error = %e, op, "reply does not encode; sending an error instead");
+            Reply {
+                request_id: frame.header.request_id,
+                epoch,
+                op,
+                result: Err(err(ErrorKind::Io, format!("reply does not encode: {e}"))),
+            }
+            .encode(out);
+        }
+    }
+
+    /// The bound store, after checking that this connection's epoch is still current.
+    fn current(&self, frame: &Frame) -> Result<Arc<Mutex<Store>>, ReplyError> {
+        let b = self
+            .bound
+            .as_ref()
+            .ok_or_else(|| err(ErrorKind::NotReady, "no Hello on this connection yet"))?;
+        if frame.header.epoch != b.epoch {
+            return Err(err(
+                ErrorKind::StaleEpoch,
+                format!(
+                    "frame epoch {} differs from the connection's {}",
+                    frame.header.epoch, b.epoch
+                ),
+            ));
+        }
+        let current = lock(&b.store).epoch();
+        if b.epoch < current {
+            return Err(err(
+                ErrorKind::StaleEpoch,
+                format!("epoch {} was superseded by {current}", b.epoch),
+            ));
+        }
+        Ok(b.store.clone())
+    }
+
+    fn hello(&mut self, frame: &Frame, volume: &str, replica_id: &str, size: u64) -> Outcome {
+        if !valid_name(volume) || !valid_name(replica_id) {
+            return Err(err(
+                ErrorKind::InvalidArgument,
+                "volume and replica id must be 1-128 of [A-Za-z0-9._-], not starting with '.'",
+            ));
+        }
+        let store = self
+            .registry
+            .get(volume, replica_id, size)
+            .map_err(|e| reply_error(&e))?;
+        let epoch = frame.header.epoch;
+        let mut s = lock(&store);
+        if epoch < s.epoch() {
+            return Err(err(
+                ErrorKind::StaleEpoch,
+                format!("epoch {epoch} is older than the accepted {}", s.epoch()),
+            ));
+        }
+        s.set_epoch(epoch).map_err(|e| reply_error(&e))?;
+        let body = status(&s);
+        drop(s);
+        tracing::info!(volume, replica_id, epoch, "engine attached");
+        self.bound = Some(Bound { store, epoch });
+        Ok(ReplyBody::Status(body))
+    }
+
+    fn apply(&mut self, frame: &Frame, req: Request) -> Outcome {
+        if let Request::Hello {
+            volume,
+            replica_id,
+            create_size,
+        } = &req
+        {
+            return self.hello(frame, volume, replica_id, *create_size);
+        }
+        if matches!(req, Request::Ping) {
+            return Ok(ReplyBody::Empty);
+        }
+        let store = self.current(frame)?;
+        let mut s = lock(&store);
+        let e = |e: StoreError| reply_error(&e);
+        match req {
+            Request::Hello { .. } | Request::Ping | Request::Write { .. } => Err(err(
+                ErrorKind::InvalidArgument,
+                "request routed to the wrong handler",
+            )),
+            Request::Read { offset, len } => read(&mut s, &LayerSel::Merged, offset, len),
+            Request::ReadLayer { layer, offset, len } => {
+                read(&mut s, &layer_sel(&layer), offset, len)
+            }
+            Request::WriteZeroes {
+                offset,
+                len,
+                fua,
+                no_hole,
+            } => {
+                s.write_zeroes(offset, len, no_hole).map_err(e)?;
+                if fua {
+                    s.flush().map_err(e)?;
+                }
+                Ok(ReplyBody::Empty)
+            }
+            Request::Trim { offset, len, fua } => {
+                s.trim(offset, len).map_err(e)?;
+                if fua {
+                    s.flush().map_err(e)?;
+                }
+                Ok(ReplyBody::Empty)
+            }
+            Request::Flush => s.flush().map(|()| ReplyBody::Empty).map_err(e),
+            Request::SnapshotCreate {
+                name,
+                created_unix_ms,
+                labels,
+            } => s
+                .snapshot_create(&name, created_unix_ms, labels)
+                .map(|()| ReplyBody::Empty)
+                .map_err(e),
+            Request::SnapshotDelete { name } => s
+                .snapshot_delete(&name)
+                .map(|()| ReplyBody::Empty)
+                .map_err(e),
+            Request::SnapshotRevert { name } => s
+                .snapshot_revert(&name)
+                .map(|()| ReplyBody::Empty)
+                .map_err(e),
+            Request::SnapshotList => Ok(ReplyBody::Snapshots(
+                s.snapshot_list()
+                    .into_iter()
+                    .map(|i| SnapshotInfo {
+                        name: i.name,
+                        parent: i.parent,
+                        created_unix_ms: i.created_unix_ms,
+                        allocated_bytes: i.allocated_bytes,
+                        labels: i.labels,
+                    })
+                    .collect(),
+            )),
+            Request::Grow { new_size } => s.grow(new_size).map(|()| ReplyBody::Empty).map_err(e),
+            Request::Status => Ok(ReplyBody::Status(status(&s))),
+            Request::ListExtents { layer, offset, len } => s
+                .extents(&layer_sel(&layer), offset, len)
+                .map(ReplyBody::Extents)
+                .map_err(e),
+            Request::Digest => {
+                let size = s.size();
+                s.digest()
+                    .map(|digest| ReplyBody::Digest { digest, size })
+                    .map_err(e)
+            }
+            Request::DirtyRegions => {
+                let (region_size, regions) = s.dirty_regions();
+                Ok(ReplyBody::DirtyRegions {
+                    region_size,
+                    regions,
+                })
+            }
+        }
+    }
+
+    /// Applies a run of Write frames as one store batch; FUA writes are followed by one
+    /// flush before any of the run's replies go out.
+    fn write_run(
+        &mut self,
+        frames: &[Frame],
+        run: Vec<(usize, Result<Request, cairn_wire::WireError>)>,
+        out: &mut BytesMut,
+    ) {
+        let mut outcomes: Vec<Option<Outcome>> = run.iter().map(|_| None).collect();
+        let mut reqs = Vec::new();
+        let mut idx = Vec::new();
+        let mut store = None;
+        let mut any_fua = false;
+        for (k, (i, r)) in run.iter().enumerate() {
+            let Ok(Request::Write {
+                offset,
+                fua,
+                crcs,
+                data,
+            }) = r
+            else {
+                continue;
+            };
+            match self.current(&frames[*i]) {
+                Ok(s) => {
+                    store = Some(s);
+                    any_fua |= *fua;
+                    reqs.push(WriteReq {
+                        offset: *offset,
+                        data,
+                        crcs,
+                    });
+                    idx.push(k);
+                }
+                Err(e) => outcomes[k] = Some(Err(e)),
+            }
+        }
+        if let Some(store) = store {
+            let mut s = lock(&store);
+            let results = s.write_batch(&reqs);
+            let flushed = if any_fua && results.iter().any(Result::is_ok) {
+                s.flush().map_err(|e| reply_error(&e))
+            } else {
+                Ok(())
+            };
+            for (k, r) in idx.iter().zip(results) {
+                let fua = matches!(run[*k].1, Ok(Request::Write { fua: true, .. }));
+                outcomes[*k] = Some(match (r, &flushed) {
+                    (Err(e), _) => Err(reply_error(&e)),
+                    (Ok(()), Err(fe)) if fua => Err(fe.clone()),
+                    (Ok(()), _) => Ok(ReplyBody::Empty),
+                });
+            }
+        }
+        for ((i, _), o) in run.iter().zip(outcomes) {
+            let o = o.unwrap_or_else(|| Err(err(ErrorKind::Io, "write not applied")));
+            self.reply(&frames[*i], o, out);
+        }
+    }
+}
+
+fn read(s: &mut Store, sel: &LayerSel, offset: u64, len: u32) -> Outcome {
+    let mut buf = vec![0u8; len as usize];
+    let crcs = match sel {
+        LayerSel::Merged => s.read(offset, &mut buf),
+        other => s.read_layer(other, offset, &mut buf),
+    }
+    .map_err(|e| reply_error(&e))?;
+    Ok(ReplyBody::Data {
+        crcs,
+        data: bytes::Bytes::from(buf),
+    })
+}
