@@ -77,12 +77,15 @@ pub struct Server {
     _lock: File,
 }
 
+/// A replica shared by the connections attached to it.
+pub(crate) type SharedStore = Arc<Mutex<Store>>;
+
 /// The replicas this server has open, by (volume, replica id).
 pub(crate) struct Registry {
     dir: PathBuf,
     engine: EngineChoice,
     checksums: bool,
-    replicas: Mutex<HashMap<(String, String), Arc<Mutex<Store>>>>,
+    replicas: Mutex<HashMap<(String, String), SharedStore>>,
 }
 
 impl Registry {
@@ -96,7 +99,7 @@ impl Registry {
         volume: &str,
         replica_id: &str,
         create_size: u64,
-    ) -> Result<Arc<Mutex<Store>>, StoreError> {
+    ) -> Result<SharedStore, StoreError> {
         let key = (volume.to_owned(), replica_id.to_owned());
         let mut map = self.replicas.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = map.get(&key) {
@@ -140,9 +143,9 @@ impl Server {
             source,
         };
         std::fs::create_dir_all(&config.dir).map_err(dir_err)?;
-        let lock = File::create(config.dir.join(".lock")).map_err(dir_err)?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive)
-            .map_err(|_| ServerError::Locked(config.dir.clone()))?;
+        let lock = lock_data_dir(&config.dir)
+            .map_err(dir_err)?
+            .ok_or_else(|| ServerError::Locked(config.dir.clone()))?;
         let backend = Io::new(config.engine)?.backend();
         let registry = Arc::new(Registry {
             dir: config.dir.clone(),
@@ -213,6 +216,17 @@ impl Server {
                 .spawn(move || conn::serve_connection(stream, registry, &config))?;
         }
         Ok(())
+    }
+}
+
+/// Takes the data directory's exclusive lock (`DIR/.lock`), held while the returned file is
+/// open. `Ok(None)` when another process holds it: a replica must never be opened twice.
+pub fn lock_data_dir(dir: &Path) -> std::io::Result<Option<File>> {
+    let lock = File::create(dir.join(".lock"))?;
+    match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(Some(lock)),
+        Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 
