@@ -290,7 +290,10 @@ impl Store {
                     self.counters.bytes_written += reqs[i].data.len() as u64;
                     Ok(())
                 }
-                (Some(Err(e)), _) | (_, Some(Err(e))) => Err(StoreError::from(e)),
+                (Some(Err(e)), _) | (_, Some(Err(e))) => {
+                    self.reconcile(head, reqs[i].offset / BS, reqs[i].data.len() as u64 / BS);
+                    Err(StoreError::from(e))
+                }
                 _ => Err(StoreError::Io(std::io::Error::other("missing completion"))),
             };
             results[i] = Some(r);
@@ -302,6 +305,9 @@ impl Store {
     /// older data stays hidden.
     pub fn write_zeroes(&mut self, offset: u64, len: u64, no_hole: bool) -> Result<()> {
         let r = self.write_zeroes_inner(offset, len, no_hole);
+        if let Err(StoreError::NoSpace | StoreError::Io(_)) = r {
+            self.reconcile(self.meta.head, offset / BS, len / BS);
+        }
         self.count_result(&r);
         r
     }

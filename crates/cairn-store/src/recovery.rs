@@ -110,6 +110,42 @@ impl Store {
         Ok(repaired)
     }
 
+    /// Restores agreement between data and checksums after a write to layer `id` over blocks
+    /// `first..first+count` failed part-way (no space, I/O error): blocks the layer held
+    /// before keep whatever data they now have, with a matching checksum; blocks it did not
+    /// hold are punched out again. A failed write leaves its range undefined, as on any disk,
+    /// but never makes it read as corrupt. If this fails too, the store fails.
+    pub(crate) fn reconcile(&mut self, id: u64, first: u64, count: u64) {
+        let r = self.recompute_checksums(id, first, count).and_then(|_| {
+            let mut b = first;
+            while b < first + count {
+                let held = |s: &Store, b: u64| {
+                    s.layers[&id]
+                        .blocks
+                        .contains(u32::try_from(b).unwrap_or(u32::MAX))
+                };
+                if held(self, b) {
+                    b += 1;
+                    continue;
+                }
+                let mut n = 1;
+                while b + n < first + count && !held(self, b + n) {
+                    n += 1;
+                }
+                self.layers
+                    .get_mut(&id)
+                    .expect("layer being written is open")
+                    .punch(b, n)?;
+                b += n;
+            }
+            Ok(())
+        });
+        if let Err(e) = r {
+            self.failed = true;
+            tracing::error!(error = %e, "cannot reconcile after a failed write; replica failed");
+        }
+    }
+
     /// Verifies every block every layer holds against its checksum and lists the bad ones.
     /// `progress` is called with (blocks checked, blocks in all).
     pub fn scrub(&mut self, mut progress: impl FnMut(u64, u64)) -> Result<Vec<CorruptBlock>> {

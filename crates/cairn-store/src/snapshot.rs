@@ -243,7 +243,7 @@ impl Store {
             }
             let regions = [self.dirty.regions(first * BS, u64::from(n) * BS)];
             self.dirty.mark(&mut self.io, &regions)?;
-            self.io.run_all(&mut [
+            let copied = self.io.run_all(&mut [
                 Op::Write {
                     fd: dd,
                     buf: d,
@@ -254,7 +254,11 @@ impl Store {
                     buf: c,
                     offset: first * 4,
                 },
-            ])?;
+            ]);
+            if let Err(e) = copied {
+                self.reconcile(merge.into, first, u64::from(n));
+                return Err(e.into());
+            }
             self.layers
                 .get_mut(&merge.into)
                 .expect("merge target is open")
