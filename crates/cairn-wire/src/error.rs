@@ -111,7 +111,8 @@ pub enum WireError {
     /// parent (encoding only).
     #[error("empty snapshot parent name (the wire spells \"no parent\" as empty)")]
     EmptyParent,
-    /// Any other structural fault.
+    /// A structural fault with no more specific variant (this version of
+    /// the codec has none; kept so callers can match on it).
     #[error("malformed payload: {0}")]
     Malformed(&'static str),
 }

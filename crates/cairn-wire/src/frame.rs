@@ -2,9 +2,10 @@
 //! frames off the front of a byte stream.
 //!
 //! Guarantees of [`FrameDecoder::decode`], whatever the input bytes:
-//! - it never panics and never allocates or reserves buffer space (the
-//!   caller's read loop grows the buffer; [`FrameDecoder::bytes_needed`] says
-//!   by how much), so a forged length cannot make it allocate anything;
+//! - it never panics, never grows or reserves buffer space and never
+//!   allocates for a payload (the caller's read loop grows the buffer;
+//!   [`FrameDecoder::bytes_needed`] says by how much, never more than
+//!   `max_frame`), so a forged length cannot make it allocate;
 //! - a frame is returned only if its magic, version, op, reserved flag bits,
 //!   length (at most the decoder's `max_frame`, header included) and CRC are
 //!   all valid; the payload is a zero-copy slice of the input;

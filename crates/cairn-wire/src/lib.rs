@@ -16,9 +16,11 @@
 //!   `BytesMut`, writing the CRC; `try_encode` variants report values the
 //!   format cannot carry instead of panicking.
 //!
-//! Invariant kept by the codec and checked by its property tests: whatever
-//! `try_encode` accepts decodes to an equal value, and a frame that decodes
-//! was produced by encoding (every byte is covered by the CRC).
+//! Invariants kept by the codec and checked by its property tests and fuzz
+//! target: whatever `try_encode` accepts decodes to an equal value; the
+//! encoding is canonical (a payload that decodes re-encodes to the same
+//! bytes); and every byte of a frame is covered by its CRC, so a frame
+//! damaged in one byte is refused, never misread.
 
 mod codec;
 mod error;

@@ -12,7 +12,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::codec::{count_u16, count_u32, put_labels, put_str, Reader};
 use crate::frame::write_frame;
-use crate::{block_count, op, ErrorKind, Frame, WireError, MAX_STR_LEN};
+use crate::{block_count, block_crcs, op, ErrorKind, Frame, WireError, MAX_STR_LEN};
 
 /// Status byte of a successful reply.
 const STATUS_OK: u8 = 0;
@@ -150,6 +150,14 @@ fn body_kind(request_op: u8) -> Option<BodyKind> {
 }
 
 impl ReplyBody {
+    /// A Data body for `data`, with its block CRCs computed.
+    pub fn data(data: Bytes) -> ReplyBody {
+        ReplyBody::Data {
+            crcs: block_crcs(&data),
+            data,
+        }
+    }
+
     fn kind(&self) -> BodyKind {
         match self {
             ReplyBody::Empty => BodyKind::Empty,

@@ -12,7 +12,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::codec::{put_labels, put_str, Reader};
 use crate::frame::write_frame;
-use crate::{block_count, op, Frame, WireError, BLOCK_SIZE, FLAG_FUA, FLAG_NO_HOLE};
+use crate::{block_count, block_crcs, op, Frame, WireError, BLOCK_SIZE, FLAG_FUA, FLAG_NO_HOLE};
 
 /// Layer tag: the writable head.
 const LAYER_HEAD: u8 = 0;
@@ -175,6 +175,16 @@ fn flag(set: bool, bit: u16) -> u16 {
 }
 
 impl Request {
+    /// A Write of `data` at `offset`, with its block CRCs computed.
+    pub fn write(offset: u64, fua: bool, data: Bytes) -> Request {
+        Request::Write {
+            offset,
+            fua,
+            crcs: block_crcs(&data),
+            data,
+        }
+    }
+
     /// The op code of this request (reply bit clear).
     pub fn op(&self) -> u8 {
         match self {

@@ -341,3 +341,39 @@ fn a_patched_but_recrced_frame_still_gets_structural_checks() {
     let frame = decode_one(out);
     assert_eq!(Request::decode(&frame), Err(WireError::BadFlags(1)));
 }
+
+/// The worked example in docs/wire.md, byte for byte.
+#[test]
+fn documented_write_example_matches_docs_wire_md() {
+    let request = Request::write(0x2000, true, Bytes::from(vec![0xAB; 4096]));
+    let mut out = BytesMut::new();
+    request.encode(7, 3, &mut out);
+    let expected_head: [u8; 48] = [
+        0x43, 0x41, 0x52, 0x4e, 0x01, 0x03, 0x01, 0x00, // magic, version, op, flags
+        0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // request_id
+        0x03, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // epoch
+        0x10, 0x10, 0x00, 0x00, 0xcd, 0xee, 0x21, 0xa2, // payload_len, crc
+        0x00, 0x20, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // offset
+        0x00, 0x10, 0x00, 0x00, 0x0b, 0x5c, 0x79, 0xa8, // len, block CRC
+    ];
+    assert_eq!(out.len(), 4144);
+    assert_eq!(&out[..48], &expected_head[..]);
+    assert!(out[48..].iter().all(|&b| b == 0xAB));
+
+    let reply = crate::Reply {
+        request_id: 7,
+        epoch: 3,
+        op: op::WRITE,
+        result: Ok(crate::ReplyBody::Empty),
+    };
+    let mut out = BytesMut::new();
+    reply.encode(&mut out);
+    let expected_reply: [u8; 33] = [
+        0x43, 0x41, 0x52, 0x4e, 0x01, 0x83, 0x00, 0x00, // magic, version, op, flags
+        0x07, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // request_id
+        0x03, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // epoch
+        0x01, 0x00, 0x00, 0x00, 0x46, 0x84, 0xa4, 0x62, // payload_len, crc
+        0x00, // status ok, empty body
+    ];
+    assert_eq!(&out[..], &expected_reply[..]);
+}
