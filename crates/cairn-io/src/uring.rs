@@ -1,9 +1,11 @@
 //! The io_uring backend: one ring, one batch at a time.
 //!
 //! Every op of a batch becomes one SQE whose user_data is the op's index. The batch is
-//! submitted with one `io_uring_enter` that also waits for the completions; short transfers
-//! are resubmitted for their remainder in the next round. `run` returns only when no SQE of
-//! the batch is in flight, so the borrowed buffers outlive every kernel access.
+//! submitted with one `io_uring_enter` that also waits for a first completion; a short
+//! transfer is resubmitted for its remainder as soon as it completes, while the rest of the
+//! batch is still in flight (a Send must not wait for a Recv of the same batch). `run`
+//! returns only when no SQE of the batch is in flight, so the borrowed buffers outlive
+//! every kernel access.
 
 use std::io;
 
@@ -42,13 +44,15 @@ impl Ring {
         let n = ops.len();
         let mut done = vec![0usize; n];
         let mut results: Vec<Option<io::Result<usize>>> = (0..n).map(|_| None).collect();
+        let mut in_flight = vec![false; n];
+        let mut outstanding = 0usize;
         loop {
-            // Push every unfinished op (its remainder) that fits in the queue.
-            let mut in_flight = 0usize;
+            // Push every unfinished op that is not in flight (first tries and the remainders
+            // of short transfers) while the queue has room.
             {
                 let mut sq = self.ring.submission();
                 for (i, op) in ops.iter_mut().enumerate() {
-                    if results[i].is_some() {
+                    if results[i].is_some() || in_flight[i] {
                         continue;
                     }
                     if sq.is_full() {
@@ -57,15 +61,23 @@ impl Ring {
                     let sqe = build_sqe(op, done[i]).user_data(i as u64);
                     // SAFETY: the SQE points into `op`'s buffer at `done[i]..`, which stays
                     // borrowed (and so alive and unmoved) until `run` returns, and `run` does
-                    // not return while this SQE is in flight (see `wait_all`).
+                    // not return while any SQE is in flight (`outstanding` > 0).
                     unsafe { sq.push(&sqe) }.expect("checked is_full above");
-                    in_flight += 1;
+                    in_flight[i] = true;
+                    outstanding += 1;
                 }
             }
-            if in_flight == 0 {
+            if outstanding == 0 {
                 break;
             }
-            self.wait_all(in_flight, |i, res| {
+            // Wait for at least one completion, not all: a short Send must be resubmitted
+            // while a Recv of the same batch is still waiting for the peer.
+            self.wait_some(|i, res| {
+                if i >= n || !in_flight[i] {
+                    return;
+                }
+                in_flight[i] = false;
+                outstanding -= 1;
                 let remaining = op_len(&ops[i]) - done[i];
                 match res {
                     r if r >= 0 => {
@@ -97,14 +109,13 @@ impl Ring {
         results.into_iter().map(|r| r.unwrap_or(Ok(0))).collect()
     }
 
-    /// Submits what is queued and reaps exactly `count` completions, calling `on_cqe` for
-    /// each. Never returns with a completion outstanding: if the kernel call fails for a
-    /// reason that leaves SQEs in flight and cannot be retried, the process aborts rather than
-    /// let the kernel write into freed memory.
-    fn wait_all(&mut self, count: usize, mut on_cqe: impl FnMut(usize, i32)) {
-        let mut reaped = 0;
-        while reaped < count {
-            match self.ring.submit_and_wait(count - reaped) {
+    /// Submits what is queued, waits for at least one completion and reaps every completion
+    /// available, calling `on_cqe` for each. If the kernel call fails for a reason that
+    /// cannot be retried while SQEs are in flight, the process aborts rather than let the
+    /// kernel write into freed memory.
+    fn wait_some(&mut self, mut on_cqe: impl FnMut(usize, i32)) {
+        loop {
+            match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e)
                     if e.raw_os_error() == Some(libc::EINTR)
@@ -115,10 +126,14 @@ impl Ring {
                     std::process::abort();
                 }
             }
+            let mut reaped = 0;
             for cqe in self.ring.completion() {
                 let idx = usize::try_from(cqe.user_data()).unwrap_or(usize::MAX);
                 on_cqe(idx, cqe.result());
                 reaped += 1;
+            }
+            if reaped > 0 {
+                return;
             }
         }
     }

@@ -38,7 +38,7 @@ pub(crate) fn serve_connection(stream: TcpStream, registry: Arc<Registry>, confi
 fn run(stream: &TcpStream, io: &mut Io, registry: Arc<Registry>, max_frame: usize) -> String {
     let fd = stream.as_raw_fd();
     let mut decoder = FrameDecoder::new(max_frame);
-    let mut session = Session::new(registry);
+    let mut session = Session::new(registry, max_frame);
     let mut inbuf = BytesMut::with_capacity(RECV_CHUNK);
     let mut scratch = vec![0u8; RECV_CHUNK];
     let mut out = BytesMut::with_capacity(RECV_CHUNK);

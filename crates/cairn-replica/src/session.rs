@@ -19,6 +19,8 @@ use crate::{valid_name, Registry};
 pub(crate) struct Session {
     registry: Arc<Registry>,
     bound: Option<Bound>,
+    /// Largest frame this side may send or receive: read replies must fit in it.
+    max_frame: usize,
 }
 
 struct Bound {
@@ -82,11 +84,40 @@ fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
 }
 
 impl Session {
-    pub(crate) fn new(registry: Arc<Registry>) -> Session {
+    pub(crate) fn new(registry: Arc<Registry>, max_frame: usize) -> Session {
         Session {
             registry,
             bound: None,
+            max_frame,
         }
+    }
+
+    /// Refuses a read whose reply frame would not fit in the frame limit, before anything
+    /// is allocated for it.
+    fn check_read_len(&self, size: u64, offset: u64, len: u32) -> Result<(), ReplyError> {
+        if offset
+            .checked_add(u64::from(len))
+            .is_none_or(|end| end > size)
+        {
+            return Err(ReplyError::new(
+                ErrorKind::OutOfRange,
+                0,
+                format!("read {offset}+{len} is outside the volume ({size} bytes)"),
+            ));
+        }
+        let len = len as usize;
+        let reply = cairn_wire::HEADER_LEN + 1 + 4 + 4 * cairn_wire::block_count(len) + len;
+        if reply > self.max_frame {
+            return Err(ReplyError::new(
+                ErrorKind::TooLarge,
+                0,
+                format!(
+                    "a read of {len} bytes needs a {reply}-byte reply; the frame limit is {}",
+                    self.max_frame
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Applies `frames` in order and appends one reply per frame to `out`.
@@ -215,8 +246,12 @@ impl Session {
                 ErrorKind::InvalidArgument,
                 "request routed to the wrong handler",
             )),
-            Request::Read { offset, len } => read(&mut s, &LayerSel::Merged, offset, len),
+            Request::Read { offset, len } => {
+                self.check_read_len(s.size(), offset, len)?;
+                read(&mut s, &LayerSel::Merged, offset, len)
+            }
             Request::ReadLayer { layer, offset, len } => {
+                self.check_read_len(s.size(), offset, len)?;
                 read(&mut s, &layer_sel(&layer), offset, len)
             }
             Request::WriteZeroes {

@@ -38,6 +38,7 @@ use cairn_io::{Backend, EngineChoice, Io};
 
 pub use data::{zero_block_crc, WriteReq, MAX_IO_BYTES};
 pub use error::{Result, StoreError};
+pub use meta::write_atomic;
 
 use dirty::DirtyLog;
 use layer::{Layer, LAYER_DIR};

@@ -121,12 +121,24 @@ pub fn run(cmd: ReplicaCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Opens a replica offline, holding its data directory's lock so that no replica server can
+/// open it at the same time.
 fn open(path: &std::path::Path, engine: EngineChoice) -> anyhow::Result<Store> {
     if !Store::exists(path) {
         anyhow::bail!(
             "{} does not hold a replica (no replica.json)",
             path.display()
         );
+    }
+    if let Some(data_dir) = path.parent().and_then(|p| p.parent()) {
+        match cairn_replica::lock_data_dir(data_dir)? {
+            // Leaked on purpose: the lock must last as long as the process.
+            Some(lock) => std::mem::forget(lock),
+            None => anyhow::bail!(
+                "a replica server is running on {}; stop it before checking replicas offline",
+                data_dir.display()
+            ),
+        }
     }
     Store::open(path, engine).with_context(|| format!("opening replica {}", path.display()))
 }
