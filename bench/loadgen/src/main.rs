@@ -334,7 +334,7 @@ fn run(a: &Args) -> anyhow::Result<String> {
     Ok(line)
 }
 
-/// Sends the request for `offset`; writes compute their block CRCs here, per request.
+/// Queues the request for `offset`; writes compute their block CRCs here, per request.
 fn send_one(
     client: &mut Client,
     pattern: Pattern,
@@ -352,8 +352,8 @@ fn send_one(
         _ => Request::Read { offset, len },
     };
     client
-        .send(&req)
-        .with_context(|| format!("sending the request at offset {offset}"))
+        .queue(&req)
+        .with_context(|| format!("queueing the request at offset {offset}"))
 }
 
 /// Checks one reply against the request it must answer.
@@ -438,9 +438,17 @@ fn drive(
         }
     }
     while let Some(&(id, offset, t_sent)) = inflight.front() {
-        let reply = client
-            .recv()
-            .with_context(|| format!("waiting for the reply to request {id}"))?;
+        // Replies that already arrived are taken first; requests queued for them go out in
+        // one write just before waiting for more (as an engine batches its sends).
+        let reply = match client.recv_buffered()? {
+            Some(r) => r,
+            None => {
+                client.send_queued().context("sending queued requests")?;
+                client
+                    .recv()
+                    .with_context(|| format!("waiting for the reply to request {id}"))?
+            }
+        };
         let now = Instant::now();
         inflight.pop_front();
         check_reply(reply, id, offset, a.pattern, len)?;

@@ -30,8 +30,8 @@ use cairn_blockdev::{check_range, BlockDevice, DevError};
 use cairn_wire::{ErrorKind, LayerRef, ReplyBody, Request};
 use serde::Serialize;
 
-pub use link::LinkError;
 use link::Link;
+pub use link::LinkError;
 pub use set::{Fanout, Mode, Outcome, ReplicaSet};
 
 /// One replica of the volume.
@@ -170,10 +170,7 @@ impl Engine {
             modes.push(mode);
             slots.push(slot);
         }
-        let changed = modes
-            .iter()
-            .zip(&cfg.replicas)
-            .any(|(m, s)| *m != s.mode);
+        let changed = modes.iter().zip(&cfg.replicas).any(|(m, s)| *m != s.mode);
         let engine = Arc::new(Engine {
             set: Mutex::new(ReplicaSet::new(modes, None)),
             slots,
@@ -346,7 +343,9 @@ impl Engine {
         }
         match outcome {
             Some(Outcome::Done) => Ok(()),
-            _ => Err(first_err.unwrap_or_else(|| DevError::Io("no replica took the request".into()))),
+            _ => {
+                Err(first_err.unwrap_or_else(|| DevError::Io("no replica took the request".into())))
+            }
         }
     }
 
@@ -359,7 +358,9 @@ impl Engine {
     /// every earlier write) and queues the write before any later write can be queued.
     async fn repair(&self, offset: u64, len: u32, good: usize, bad: &[usize]) {
         let _g = self.submit.lock().await;
-        let fresh = self.answer(self.send(good, Request::Read { offset, len })).await;
+        let fresh = self
+            .answer(self.send(good, Request::Read { offset, len }))
+            .await;
         let data = match fresh {
             Ok(ReplyBody::Data { crcs, data })
                 if cairn_wire::first_bad_block(&data, &crcs).is_none() =>
@@ -399,7 +400,9 @@ impl BlockDevice for Engine {
         let order = lock(&self.set).read_order();
         let mut corrupt = Vec::new();
         for i in order {
-            let r = self.answer(self.send(i, Request::Read { offset, len })).await;
+            let r = self
+                .answer(self.send(i, Request::Read { offset, len }))
+                .await;
             match r {
                 Ok(ReplyBody::Data { crcs, data })
                     if data.len() == len as usize
@@ -413,12 +416,18 @@ impl BlockDevice for Engine {
                 }
                 Ok(_) => {
                     // Damaged on the wire or a bad reply: never returned.
-                    self.slots[i].stats.corrupt_reads.fetch_add(1, Ordering::Relaxed);
+                    self.slots[i]
+                        .stats
+                        .corrupt_reads
+                        .fetch_add(1, Ordering::Relaxed);
                     corrupt.push(i);
                 }
                 Err(LinkError::Remote(e)) if e.kind == ErrorKind::Corruption => {
                     tracing::warn!(replica = %self.slots[i].spec.id, offset = e.detail, "replica reports a corrupt block");
-                    self.slots[i].stats.corrupt_reads.fetch_add(1, Ordering::Relaxed);
+                    self.slots[i]
+                        .stats
+                        .corrupt_reads
+                        .fetch_add(1, Ordering::Relaxed);
                     corrupt.push(i);
                 }
                 Err(e) => self.fail(i, &e).await,

@@ -11,7 +11,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
-use cairn_wire::{FrameDecoder, Reply, ReplyBody, ReplyError, Request, StatusBody, DEFAULT_MAX_FRAME};
+use cairn_wire::{
+    FrameDecoder, Reply, ReplyBody, ReplyError, Request, StatusBody, DEFAULT_MAX_FRAME,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
@@ -167,7 +169,9 @@ impl Link {
         {
             Ok(ReplyBody::Status(s)) => s,
             Ok(other) => {
-                return Err(LinkError::Closed(format!("unexpected Hello reply {other:?}")));
+                return Err(LinkError::Closed(format!(
+                    "unexpected Hello reply {other:?}"
+                )));
             }
             Err(e) => return Err(e),
         };

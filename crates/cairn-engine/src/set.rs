@@ -138,7 +138,11 @@ impl Fanout {
             .iter()
             .zip(&self.answered)
             .any(|((_, m), a)| *m == Mode::Rw && *a == Some(true));
-        Some(if rw_ok { Outcome::Done } else { Outcome::Failed })
+        Some(if rw_ok {
+            Outcome::Done
+        } else {
+            Outcome::Failed
+        })
     }
 
     /// Targets that answered with a failure (to be taken out of the set).

@@ -62,14 +62,38 @@ impl Client {
         self.epoch
     }
 
-    /// Sends one request; returns its id.
+    /// Sends one request (and anything queued before it); returns its id.
     pub fn send(&mut self, req: &Request) -> Result<u64, ClientError> {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.outbuf.clear();
-        req.try_encode(id, self.epoch, &mut self.outbuf)?;
-        self.stream.write_all(&self.outbuf)?;
+        let id = self.queue(req)?;
+        self.send_queued()?;
         Ok(id)
+    }
+
+    /// Encodes a request into the send buffer without sending it; `send_queued` (or the next
+    /// `send`) sends everything queued in one write. Returns its id.
+    pub fn queue(&mut self, req: &Request) -> Result<u64, ClientError> {
+        let id = self.next_id;
+        req.try_encode(id, self.epoch, &mut self.outbuf)?;
+        self.next_id += 1;
+        Ok(id)
+    }
+
+    /// Sends every queued request in one write.
+    pub fn send_queued(&mut self) -> Result<(), ClientError> {
+        if !self.outbuf.is_empty() {
+            let r = self.stream.write_all(&self.outbuf);
+            self.outbuf.clear();
+            r?;
+        }
+        Ok(())
+    }
+
+    /// The next reply if it has already arrived in full, without waiting.
+    pub fn recv_buffered(&mut self) -> Result<Option<Reply>, ClientError> {
+        match self.decoder.decode(&mut self.inbuf)? {
+            Some(frame) => Ok(Some(Reply::decode(&frame)?)),
+            None => Ok(None),
+        }
     }
 
     /// Sends raw bytes (tests use it to send malformed frames).

@@ -8,7 +8,7 @@
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
-use cairn_store::{LayerSel, Store, StoreError, WriteReq};
+use cairn_store::{LayerSel, ReadReq, Store, StoreError, WriteReq};
 use cairn_wire::{
     Counters, ErrorKind, Frame, LayerRef, Reply, ReplyBody, ReplyError, Request, SnapshotInfo,
     StatusBody,
@@ -125,6 +125,17 @@ impl Session {
         let mut i = 0;
         while i < frames.len() {
             let decoded = Request::decode(&frames[i]);
+            if matches!(decoded, Ok(Request::Read { .. })) && self.bound.is_some() {
+                let mut j = i + 1;
+                while j < frames.len()
+                    && matches!(Request::decode(&frames[j]), Ok(Request::Read { .. }))
+                {
+                    j += 1;
+                }
+                self.read_run(&frames[i..j], out);
+                i = j;
+                continue;
+            }
             let is_write = matches!(decoded, Ok(Request::Write { .. }));
             if is_write && self.bound.is_some() {
                 // Gather the run of writes that follows.
@@ -321,6 +332,53 @@ impl Session {
                     regions,
                 })
             }
+        }
+    }
+
+    /// Applies a run of Read frames as one store batch, so the disk sees them concurrently.
+    fn read_run(&mut self, frames: &[Frame], out: &mut BytesMut) {
+        let mut outcomes: Vec<Option<Outcome>> = frames.iter().map(|_| None).collect();
+        let mut bufs: Vec<(usize, u64, Vec<u8>)> = Vec::new();
+        let mut store = None;
+        for (k, f) in frames.iter().enumerate() {
+            let Ok(Request::Read { offset, len }) = Request::decode(f) else {
+                continue;
+            };
+            let checked = self.current(f).and_then(|st| {
+                let size = lock(&st).size();
+                self.check_read_len(size, offset, len).map(|()| st)
+            });
+            match checked {
+                Ok(st) => {
+                    store = Some(st);
+                    bufs.push((k, offset, vec![0u8; len as usize]));
+                }
+                Err(e) => outcomes[k] = Some(Err(e)),
+            }
+        }
+        if let Some(store) = store {
+            let mut reqs: Vec<ReadReq<'_>> = bufs
+                .iter_mut()
+                .map(|(_, offset, buf)| ReadReq {
+                    offset: *offset,
+                    buf,
+                })
+                .collect();
+            let results = lock(&store).read_batch(&mut reqs);
+            drop(reqs);
+            for ((k, _, buf), r) in bufs.into_iter().zip(results) {
+                outcomes[k] = Some(match r {
+                    Ok(crcs) => Ok(ReplyBody::Data {
+                        crcs,
+                        data: bytes::Bytes::from(buf),
+                    }),
+                    Err(e) => Err(reply_error(&e)),
+                });
+            }
+        }
+        for (f, o) in frames.iter().zip(outcomes) {
+            let o = o.unwrap_or_else(|| Err(err(ErrorKind::Io, "read not applied")));
+            self.reply(f, o, out);
         }
     }
 

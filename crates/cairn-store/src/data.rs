@@ -36,6 +36,13 @@ pub struct WriteReq<'a> {
     pub crcs: &'a [u32],
 }
 
+/// One read of a batch: fill `buf` from the volume at `offset`.
+#[derive(Debug)]
+pub struct ReadReq<'a> {
+    pub offset: u64,
+    pub buf: &'a mut [u8],
+}
+
 /// A run of consecutive blocks that resolve to the same layer (`None`: no layer, zeros).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Run {
@@ -96,52 +103,122 @@ impl Store {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<Vec<u32>> {
+        self.read_many(chain, &mut [ReadReq { offset, buf }])
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Io(std::io::Error::other("no read result"))))
+    }
+
+    /// Reads several ranges of the volume's content in one I/O batch (so the disk sees them
+    /// concurrently); one result per request, as [`Store::read`] would give.
+    pub fn read_batch(&mut self, reqs: &mut [ReadReq<'_>]) -> Vec<Result<Vec<u32>>> {
+        let chain = self.chain.clone();
+        let out = self.read_many(&chain, reqs);
+        for (r, req) in out.iter().zip(reqs.iter()) {
+            match r {
+                Ok(_) => {
+                    self.counters.reads += 1;
+                    self.counters.bytes_read += req.buf.len() as u64;
+                }
+                Err(_) => self.counters.errors += 1,
+            }
+        }
+        out
+    }
+
+    fn validate_read(&self, offset: u64, len: u64) -> Result<()> {
         self.check_ok()?;
-        let len = buf.len() as u64;
         self.check_range(offset, len)?;
         if len > MAX_IO_BYTES {
             return Err(StoreError::InvalidArgument(format!(
                 "read of {len} bytes exceeds {MAX_IO_BYTES}"
             )));
         }
-        let first = offset / BS;
-        let runs = self.runs(chain, first, first + len / BS);
-        let mut stored = vec![0u8; usize::try_from(len / BS * 4).unwrap_or(0)];
-        {
-            let mut ops = Vec::with_capacity(runs.len() * 2);
-            let mut data_rest: &mut [u8] = buf;
-            let mut crc_rest: &mut [u8] = &mut stored;
-            for run in &runs {
-                let n = usize::try_from(run.count).unwrap_or(0);
-                let (d, rest) =
-                    std::mem::take(&mut data_rest).split_at_mut(n * BLOCK_SIZE as usize);
-                data_rest = rest;
-                let (c, rest) = std::mem::take(&mut crc_rest).split_at_mut(n * 4);
-                crc_rest = rest;
-                match run.layer {
-                    Some(id) => {
-                        let l = &self.layers[&id];
-                        ops.push(Op::Read {
-                            fd: l.data_fd(),
-                            buf: d,
-                            offset: run.first * BS,
-                        });
-                        if self.checksums {
-                            ops.push(Op::Read {
-                                fd: l.crc_fd(),
-                                buf: c,
-                                offset: run.first * 4,
-                            });
-                        }
-                    }
-                    None => d.fill(0),
+        Ok(())
+    }
+
+    fn read_many(&mut self, chain: &[u64], reqs: &mut [ReadReq<'_>]) -> Vec<Result<Vec<u32>>> {
+        let mut results: Vec<Option<Result<Vec<u32>>>> = reqs.iter().map(|_| None).collect();
+        let mut plans: Vec<Vec<Run>> = Vec::with_capacity(reqs.len());
+        let mut stored: Vec<Vec<u8>> = Vec::with_capacity(reqs.len());
+        for (i, r) in reqs.iter().enumerate() {
+            let len = r.buf.len() as u64;
+            match self.validate_read(r.offset, len) {
+                Ok(()) => {
+                    let first = r.offset / BS;
+                    plans.push(self.runs(chain, first, first + len / BS));
+                    stored.push(vec![0u8; usize::try_from(len / BS * 4).unwrap_or(0)]);
+                }
+                Err(e) => {
+                    results[i] = Some(Err(e));
+                    plans.push(Vec::new());
+                    stored.push(Vec::new());
                 }
             }
-            self.io.run_all(&mut ops)?;
         }
-        let mut crcs = Vec::with_capacity(runs.len());
+        {
+            let mut ops = Vec::new();
+            let mut owner = Vec::new();
+            for (i, ((req, runs), st)) in reqs
+                .iter_mut()
+                .zip(&plans)
+                .zip(stored.iter_mut())
+                .enumerate()
+            {
+                if results[i].is_some() {
+                    continue;
+                }
+                let mut data_rest: &mut [u8] = req.buf;
+                let mut crc_rest: &mut [u8] = st;
+                for run in runs {
+                    let n = usize::try_from(run.count).unwrap_or(0);
+                    let (d, rest) =
+                        std::mem::take(&mut data_rest).split_at_mut(n * BLOCK_SIZE as usize);
+                    data_rest = rest;
+                    let (c, rest) = std::mem::take(&mut crc_rest).split_at_mut(n * 4);
+                    crc_rest = rest;
+                    let Some(id) = run.layer else {
+                        d.fill(0);
+                        continue;
+                    };
+                    let l = &self.layers[&id];
+                    ops.push(Op::Read {
+                        fd: l.data_fd(),
+                        buf: d,
+                        offset: run.first * BS,
+                    });
+                    owner.push(i);
+                    if self.checksums {
+                        ops.push(Op::Read {
+                            fd: l.crc_fd(),
+                            buf: c,
+                            offset: run.first * 4,
+                        });
+                        owner.push(i);
+                    }
+                }
+            }
+            for (r, i) in self.io.run(&mut ops).into_iter().zip(owner) {
+                if let Err(e) = r {
+                    results[i].get_or_insert(Err(StoreError::from(e)));
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(reqs.len());
+        for (i, req) in reqs.iter().enumerate() {
+            out.push(match results[i].take() {
+                Some(r) => r,
+                None => self.verify(&plans[i], req.buf, &stored[i]),
+            });
+        }
+        out
+    }
+
+    /// Checks every block read from a layer against its stored checksum; returns the CRC of
+    /// every block (for the wire).
+    fn verify(&mut self, runs: &[Run], buf: &[u8], stored: &[u8]) -> Result<Vec<u32>> {
+        let mut crcs = Vec::with_capacity(buf.len() / BLOCK_SIZE as usize);
         let mut i = 0usize;
-        for run in &runs {
+        for run in runs {
             for b in run.first..run.first + run.count {
                 let block = &buf[i * BLOCK_SIZE as usize..(i + 1) * BLOCK_SIZE as usize];
                 let actual = crc32fast::hash(block);

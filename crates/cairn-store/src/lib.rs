@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 
 use cairn_io::{Backend, EngineChoice, Io};
 
-pub use data::{zero_block_crc, WriteReq, MAX_IO_BYTES};
+pub use data::{zero_block_crc, ReadReq, WriteReq, MAX_IO_BYTES};
 pub use error::{Result, StoreError};
 pub use meta::write_atomic;
 

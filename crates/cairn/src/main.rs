@@ -5,7 +5,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod control;
+mod dev;
 mod replica;
+mod volume;
 
 /// Cairn: a replicated block store for Kubernetes.
 #[derive(Debug, Parser)]
@@ -23,9 +26,18 @@ enum Command {
     /// Replica server and offline replica tools.
     #[command(subcommand)]
     Replica(replica::ReplicaCommand),
+    /// Run a replicated volume on this machine in the foreground: replica server processes,
+    /// the volume engine and an NBD export. Ctrl-C or SIGTERM stops everything.
+    Dev(dev::DevArgs),
+    /// Inspect a running volume through its control endpoint.
+    #[command(subcommand)]
+    Volume(volume::VolumeCommand),
 }
 
 fn main() -> ExitCode {
+    // Die quietly on a closed stdout (`cairn volume status | head`), as command-line tools do.
+    // SAFETY: setting a signal disposition to SIG_DFL before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -35,6 +47,8 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Replica(c) => replica::run(c),
+        Command::Volume(c) => volume::run(c),
+        Command::Dev(a) => dev::run(a),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,153 @@
+//! The local control endpoint of `cairn dev`: newline-delimited JSON over TCP on loopback.
+//!
+//! Request: one line `{"op":"status"|"verify","volume":"vol0"}`. Reply: one line, either
+//! `{"ok":...}` or `{"error":"..."}`. The `cairn volume` commands are its only clients; the
+//! Raft metadata service replaces it in a later issue.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use cairn_engine::{Engine, VolumeStatus};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+/// Default address of the control endpoint.
+pub const DEFAULT_ENDPOINT: &str = "127.0.0.1:10810";
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum ControlRequest {
+    Status { volume: String },
+    Verify { volume: String },
+}
+
+/// One replica's digest as `verify` reports it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReplicaDigest {
+    pub replica: String,
+    pub digest: Option<String>,
+    pub size: Option<u64>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ControlReply {
+    Status(serde_json::Value),
+    Verify(Vec<ReplicaDigest>),
+    Error(String),
+}
+
+/// Serves the endpoint for one volume until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, volume: String, engine: Arc<Engine>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let engine = engine.clone();
+        let volume = volume.clone();
+        tokio::spawn(async move {
+            let (rd, mut wr) = stream.into_split();
+            let mut lines = BufReader::new(rd).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let reply = match serde_json::from_str::<ControlRequest>(&line) {
+                    Ok(req) => handle(req, &volume, &engine).await,
+                    Err(e) => ControlReply::Error(format!("bad request: {e}")),
+                };
+                let mut out = serde_json::to_string(&reply)
+                    .unwrap_or_else(|e| format!("{{\"error\":\"cannot encode reply: {e}\"}}"));
+                out.push('\n');
+                if wr.write_all(out.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+async fn handle(req: ControlRequest, volume: &str, engine: &Engine) -> ControlReply {
+    let asked = match &req {
+        ControlRequest::Status { volume } | ControlRequest::Verify { volume } => volume,
+    };
+    if asked != volume {
+        return ControlReply::Error(format!("no volume {asked:?} here (this is {volume:?})"));
+    }
+    match req {
+        ControlRequest::Status { .. } => match serde_json::to_value(engine.status()) {
+            Ok(v) => ControlReply::Status(v),
+            Err(e) => ControlReply::Error(e.to_string()),
+        },
+        ControlRequest::Verify { .. } => ControlReply::Verify(
+            engine
+                .digests()
+                .await
+                .into_iter()
+                .map(|(replica, r)| match r {
+                    Ok((digest, size)) => ReplicaDigest {
+                        replica,
+                        digest: Some(digest),
+                        size: Some(size),
+                        error: None,
+                    },
+                    Err(e) => ReplicaDigest {
+                        replica,
+                        digest: None,
+                        size: None,
+                        error: Some(e),
+                    },
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// Sends one request to a running `cairn dev` and returns its reply.
+pub fn call(endpoint: SocketAddr, req: &ControlRequest) -> anyhow::Result<ControlReply> {
+    use std::io::{BufRead, Write};
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&endpoint, std::time::Duration::from_secs(5))
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot reach cairn dev at {endpoint}: {e} (is it running? --endpoint)"
+                )
+            })?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut reply = String::new();
+    std::io::BufReader::new(stream).read_line(&mut reply)?;
+    Ok(serde_json::from_str(&reply)?)
+}
+
+/// Status as parsed back by the CLI.
+pub fn parse_status(v: serde_json::Value) -> anyhow::Result<VolumeStatusView> {
+    Ok(serde_json::from_value(v)?)
+}
+
+/// The fields of [`VolumeStatus`] the CLI prints.
+#[derive(Debug, Deserialize)]
+pub struct VolumeStatusView {
+    pub volume: String,
+    pub size: u64,
+    pub epoch: u64,
+    pub replicas: Vec<ReplicaView>,
+    pub read_repairs: u64,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ReplicaView {
+    pub id: String,
+    pub addr: String,
+    pub mode: String,
+    pub reads: u64,
+    pub writes: u64,
+    pub errors: u64,
+    pub corrupt_reads: u64,
+    pub last_error: Option<String>,
+}
+
+// Keep the view in step with the engine's type at compile time.
+#[allow(dead_code)]
+fn _same_fields(s: VolumeStatus) -> (String, u64, u64, u64) {
+    (s.volume, s.size, s.epoch, s.read_repairs)
+}

@@ -1,0 +1,297 @@
+//! `cairn dev`: a whole replicated volume on this machine, in the foreground.
+//!
+//! Layout under `--data-dir`:
+//! - `volume.json`: the volume's size, the last engine epoch and each replica's mode,
+//!   replaced atomically; the epoch is raised before every engine start, and a replica that
+//!   failed stays `ERR` across restarts (it may have missed writes);
+//! - `replicas/rN/`: replica N's server directory; `replicas/rN.pid` its process id.
+//!
+//! Each replica server runs as its own child process (killed with us, PR_SET_PDEATHSIG);
+//! the engine, the NBD server and the control endpoint run in this process.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use cairn_engine::{Engine, EngineConfig, Mode, ReplicaSpec};
+use cairn_io::EngineChoice;
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncBufReadExt;
+use tokio::process::{Child, Command};
+
+use crate::control;
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Directory holding everything: the volume state and every replica's data.
+    #[arg(long, default_value = "./cairn-data")]
+    data_dir: PathBuf,
+    /// Number of replicas (each its own process). Used when the volume is created.
+    #[arg(long, default_value_t = 3)]
+    replicas: usize,
+    /// Volume size (e.g. 1GiB, 512MiB). Used when the volume is created.
+    #[arg(long, default_value = "1GiB")]
+    size: bytesize::ByteSize,
+    /// Volume name, which is also the NBD export name.
+    #[arg(long, default_value = "vol0")]
+    volume: String,
+    /// Address the NBD server listens on.
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    nbd_listen: SocketAddr,
+    /// Address of the control endpoint that `cairn volume` commands use.
+    #[arg(long, default_value = control::DEFAULT_ENDPOINT)]
+    control_listen: SocketAddr,
+    /// Comma-separated IP address for each replica server to listen on (one for all, or one
+    /// per replica), e.g. 127.0.0.2,127.0.0.3,127.0.0.4 inside a test network namespace.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
+    replica_ips: Vec<std::net::IpAddr>,
+    /// How long a replica may take to answer one request before it is failed (ERR).
+    #[arg(long, default_value = "5s")]
+    io_timeout: humantime::Duration,
+    /// I/O backend of the replica servers: auto, uring or portable.
+    #[arg(long, default_value = "auto")]
+    io_engine: EngineChoice,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DevState {
+    volume: String,
+    size: u64,
+    epoch: u64,
+    replicas: Vec<DevReplica>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct DevReplica {
+    id: String,
+    mode: Mode,
+}
+
+const STATE_FILE: &str = "volume.json";
+
+fn save_state(dir: &Path, state: &DevState) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?;
+    cairn_store::write_atomic(dir, STATE_FILE, &bytes).map_err(std::io::Error::other)
+}
+
+fn load_or_create_state(args: &DevArgs) -> anyhow::Result<DevState> {
+    let path = args.data_dir.join(STATE_FILE);
+    if path.exists() {
+        let state: DevState = serde_json::from_slice(&std::fs::read(&path)?)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if state.volume != args.volume {
+            anyhow::bail!(
+                "{} holds volume {:?}, not {:?}",
+                args.data_dir.display(),
+                state.volume,
+                args.volume
+            );
+        }
+        if state.size != args.size.as_u64() {
+            tracing::warn!(
+                saved = state.size,
+                asked = args.size.as_u64(),
+                "--size only applies when the volume is created; keeping the saved size"
+            );
+        }
+        return Ok(state);
+    }
+    if args.replicas == 0 {
+        anyhow::bail!("--replicas must be at least 1");
+    }
+    let size = args.size.as_u64();
+    if size == 0 || !size.is_multiple_of(4096) {
+        anyhow::bail!("--size must be a non-zero multiple of 4096 bytes");
+    }
+    Ok(DevState {
+        volume: args.volume.clone(),
+        size,
+        epoch: 0,
+        replicas: (1..=args.replicas)
+            .map(|i| DevReplica {
+                id: format!("r{i}"),
+                mode: Mode::Rw,
+            })
+            .collect(),
+    })
+}
+
+/// Starts one replica server process and returns it with the address it listens on.
+async fn spawn_replica(
+    args: &DevArgs,
+    id: &str,
+    ip: std::net::IpAddr,
+) -> anyhow::Result<(Child, SocketAddr)> {
+    let dir = args.data_dir.join("replicas").join(id);
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("replica")
+        .arg("serve")
+        .arg("--dir")
+        .arg(&dir)
+        .arg("--listen")
+        .arg(SocketAddr::new(ip, 0).to_string())
+        .arg("--io-engine")
+        .arg(match args.io_engine {
+            EngineChoice::Auto => "auto",
+            EngineChoice::Uring => "uring",
+            EngineChoice::Portable => "portable",
+        })
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl, which
+    // is async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting a replica server")?;
+    let stdout = child.stdout.take().context("replica stdout")?;
+    let mut line = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::io::BufReader::new(stdout).read_line(&mut line),
+    )
+    .await
+    .context("replica server did not start within 30 s")??;
+    let addr: SocketAddr = line
+        .split_whitespace()
+        .nth(2)
+        .and_then(|a| a.parse().ok())
+        .with_context(|| format!("replica {id} printed {line:?}"))?;
+    if let Some(pid) = child.id() {
+        std::fs::write(
+            args.data_dir.join("replicas").join(format!("{id}.pid")),
+            pid.to_string(),
+        )?;
+    }
+    tracing::info!(replica = id, %addr, pid = child.id(), "replica server started");
+    Ok((child, addr))
+}
+
+pub fn run(args: DevArgs) -> anyhow::Result<std::process::ExitCode> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(run_async(args))
+}
+
+async fn run_async(args: DevArgs) -> anyhow::Result<std::process::ExitCode> {
+    std::fs::create_dir_all(args.data_dir.join("replicas"))
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let _lock = cairn_replica::lock_data_dir(&args.data_dir)?.with_context(|| {
+        format!(
+            "another cairn dev is running on {}",
+            args.data_dir.display()
+        )
+    })?;
+    let mut state = load_or_create_state(&args)?;
+    state.epoch += 1;
+    save_state(&args.data_dir, &state)?;
+
+    let mut children = Vec::new();
+    let mut specs = Vec::new();
+    for (i, r) in state.replicas.iter().enumerate() {
+        let ip = *args
+            .replica_ips
+            .get(i)
+            .or(args.replica_ips.first())
+            .context("--replica-ips is empty")?;
+        if r.mode == Mode::Err {
+            tracing::warn!(replica = %r.id, "replica is ERR (it may have missed writes); not started");
+            specs.push(ReplicaSpec {
+                id: r.id.clone(),
+                addr: SocketAddr::new(ip, 0),
+                mode: Mode::Err,
+            });
+            continue;
+        }
+        let (child, addr) = spawn_replica(&args, &r.id, ip).await?;
+        children.push((r.id.clone(), child));
+        specs.push(ReplicaSpec {
+            id: r.id.clone(),
+            addr,
+            mode: r.mode,
+        });
+    }
+
+    let hook_dir = args.data_dir.clone();
+    let hook_state = std::sync::Mutex::new(state.clone());
+    let engine = Engine::start(EngineConfig {
+        volume: state.volume.clone(),
+        size: state.size,
+        epoch: state.epoch,
+        replicas: specs,
+        io_timeout: *args.io_timeout,
+        on_change: Arc::new(move |members| {
+            let mut s = hook_state.lock().unwrap_or_else(|p| p.into_inner());
+            for (id, mode) in members {
+                if let Some(r) = s.replicas.iter_mut().find(|r| r.id == id) {
+                    r.mode = mode;
+                }
+            }
+            save_state(&hook_dir, &s)
+        }),
+    })
+    .await;
+
+    let mut nbd = cairn_nbd::NbdServer::new();
+    nbd.add_export(&state.volume, "Cairn replicated volume", engine.clone());
+    let nbd = Arc::new(nbd);
+    let nbd_listener = tokio::net::TcpListener::bind(args.nbd_listen)
+        .await
+        .with_context(|| format!("NBD listen on {}", args.nbd_listen))?;
+    let control_listener = tokio::net::TcpListener::bind(args.control_listen)
+        .await
+        .with_context(|| format!("control listen on {}", args.control_listen))?;
+    let nbd_task = tokio::spawn(nbd.serve(nbd_listener));
+    let control_task = tokio::spawn(control::serve(
+        control_listener,
+        state.volume.clone(),
+        engine.clone(),
+    ));
+
+    let status = engine.status();
+    let live = status
+        .replicas
+        .iter()
+        .filter(|r| r.mode == Mode::Rw)
+        .count();
+    tracing::info!(volume = %state.volume, epoch = state.epoch, live, replicas = status.replicas.len(), "volume ready");
+    println!("nbd://{}/{}", args.nbd_listen, state.volume);
+    use std::io::Write;
+    std::io::stdout().flush()?;
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
+        _ = term.recv() => tracing::info!("terminated; stopping"),
+    }
+    nbd_task.abort();
+    control_task.abort();
+    use cairn_blockdev::BlockDevice;
+    if let Err(e) = tokio::time::timeout(*args.io_timeout, engine.flush()).await {
+        tracing::warn!(error = %e, "final flush timed out");
+    }
+    for (id, mut child) in children {
+        if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+            // SAFETY: kill(2) on our own child's pid; no memory is involved.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+            Ok(_) => tracing::info!(replica = %id, "replica server stopped"),
+            Err(_) => {
+                let _ = child.kill().await;
+            }
+        }
+        let _ = std::fs::remove_file(args.data_dir.join("replicas").join(format!("{id}.pid")));
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
