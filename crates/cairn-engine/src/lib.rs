@@ -267,24 +267,43 @@ impl Engine {
 
     /// Takes replica `i` out of the set, closes its link and persists the membership.
     async fn fail(&self, i: usize, why: &LinkError) {
-        let changed = lock(&self.set).fail(i);
+        let (changed, was_last) = {
+            let mut set = lock(&self.set);
+            let was_rw = set.mode(i) == Mode::Rw;
+            let changed = set.fail(i);
+            (changed, was_rw && !set.has_rw())
+        };
         self.slots[i].stats.errors.fetch_add(1, Ordering::Relaxed);
         *lock(&self.slots[i].last_error) = Some(why.to_string());
         if changed {
             tracing::error!(replica = %self.slots[i].spec.id, error = %why, "replica failed; now ERR");
             let link = lock(&self.slots[i].link).take();
             drop(link);
-            self.persist().await;
+            self.persist_keeping(was_last.then_some(i)).await;
         }
     }
 
     async fn persist(&self) {
+        self.persist_keeping(None).await;
+    }
+
+    /// Persists the membership. `last` is a replica that failed while being the last RW
+    /// one: it is recorded as RW all the same, since it holds every acknowledged write and
+    /// a restarted engine must be able to serve from it.
+    async fn persist_keeping(&self, last: Option<usize>) {
         let members: Vec<(String, Mode)> = {
             let set = lock(&self.set);
             self.slots
                 .iter()
                 .enumerate()
-                .map(|(i, s)| (s.spec.id.clone(), set.mode(i)))
+                .map(|(i, s)| {
+                    let mode = if Some(i) == last {
+                        Mode::Rw
+                    } else {
+                        set.mode(i)
+                    };
+                    (s.spec.id.clone(), mode)
+                })
                 .collect()
         };
         let hook = self.cfg.on_change.clone();

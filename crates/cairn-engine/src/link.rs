@@ -30,7 +30,17 @@ pub enum LinkError {
     Remote(ReplyError),
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<ReplyBody, LinkError>>>>>;
+type ReplyTx = oneshot::Sender<Result<ReplyBody, LinkError>>;
+
+/// Requests waiting for replies, and why the link closed once it has: after that, new
+/// requests fail at once instead of waiting for a reply that cannot come.
+#[derive(Default)]
+struct PendingState {
+    map: HashMap<u64, ReplyTx>,
+    closed: Option<String>,
+}
+
+type Pending = Arc<Mutex<PendingState>>;
 
 struct Outgoing {
     req: Request,
@@ -51,11 +61,11 @@ impl Drop for Link {
 }
 
 fn fail_all(pending: &Pending, why: &str) {
-    let drained: Vec<_> = pending
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .drain()
-        .collect();
+    let drained: Vec<_> = {
+        let mut p = pending.lock().unwrap_or_else(|p| p.into_inner());
+        p.closed.get_or_insert_with(|| why.to_owned());
+        p.map.drain().collect()
+    };
     for (_, tx) in drained {
         let _ = tx.send(Err(LinkError::Closed(why.to_owned())));
     }
@@ -79,7 +89,7 @@ impl Link {
             .map_err(|e| LinkError::Closed(e.to_string()))?;
         let (mut rd, mut wr) = stream.into_split();
         let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
-        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        let pending: Pending = Arc::new(Mutex::new(PendingState::default()));
 
         let wp = pending.clone();
         let writer = tokio::spawn(async move {
@@ -99,9 +109,13 @@ impl Link {
                     for m in batch {
                         let id = next_id;
                         next_id += 1;
+                        if let Some(why) = &p.closed {
+                            let _ = m.reply.send(Err(LinkError::Closed(why.clone())));
+                            continue;
+                        }
                         match m.req.try_encode(id, epoch, &mut buf) {
                             Ok(()) => {
-                                p.insert(id, m.reply);
+                                p.map.insert(id, m.reply);
                             }
                             Err(e) => {
                                 let _ = m.reply.send(Err(LinkError::Closed(format!(
@@ -133,6 +147,7 @@ impl Link {
                         let tx = rp
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
+                            .map
                             .remove(&reply.request_id);
                         if let Some(tx) = tx {
                             let _ = tx.send(reply.result.map_err(LinkError::Remote));

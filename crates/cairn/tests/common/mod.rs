@@ -452,3 +452,11 @@ impl RawConn {
         }
     }
 }
+
+// The cluster tests' helpers (`cairn dev`, network namespaces, real clients, an NBD client).
+mod cluster;
+mod nbd;
+#[allow(unused_imports)] // Test binaries that start no cluster use neither.
+pub use cluster::*;
+#[allow(unused_imports)]
+pub use nbd::*;
