@@ -84,25 +84,16 @@ impl Store {
             let hi = u32::try_from(first + count).unwrap_or(u32::MAX);
             self.layers[&id].blocks.range(lo..hi).collect()
         };
-        let (dfd, cfd) = (self.layers[&id].data_fd(), self.layers[&id].crc_fd());
+        let cfd = self.layers[&id].crc_fd();
         let mut data = vec![0u8; BLOCK_SIZE as usize];
         let mut crc = [0u8; 4];
         for b in blocks {
             let b = u64::from(b);
-            self.io.run_all(&mut [
-                Op::Read {
-                    fd: dfd,
-                    buf: &mut data,
-                    offset: b * BS,
-                },
-                Op::Read {
-                    fd: cfd,
-                    buf: &mut crc,
-                    offset: b * 4,
-                },
-            ])?;
-            let actual = crc32fast::hash(&data);
-            if actual != u32::from_le_bytes(crc) {
+            if !self
+                .read_run_checked(id, b, &mut data, &mut crc)?
+                .is_empty()
+            {
+                let actual = crc32fast::hash(&data);
                 self.io.write_at(cfd, &actual.to_le_bytes(), b * 4)?;
                 repaired += 1;
             }
@@ -146,6 +137,40 @@ impl Store {
         }
     }
 
+    /// Reads blocks `first..` of layer `id` into `data` (whole blocks) and their stored
+    /// checksums into `crcs` (4 bytes each), in one batch, and returns the indices within the
+    /// run of the blocks whose data does not match its checksum.
+    pub(crate) fn read_run_checked(
+        &mut self,
+        id: u64,
+        first: u64,
+        data: &mut [u8],
+        crcs: &mut [u8],
+    ) -> Result<Vec<usize>> {
+        let (dfd, cfd) = (self.layers[&id].data_fd(), self.layers[&id].crc_fd());
+        self.io.run_all(&mut [
+            Op::Read {
+                fd: dfd,
+                buf: data,
+                offset: first * BS,
+            },
+            Op::Read {
+                fd: cfd,
+                buf: crcs,
+                offset: first * 4,
+            },
+        ])?;
+        Ok(data
+            .chunks(BLOCK_SIZE as usize)
+            .zip(crcs.chunks(4))
+            .enumerate()
+            .filter(|(_, (block, c))| {
+                crc32fast::hash(block) != u32::from_le_bytes([c[0], c[1], c[2], c[3]])
+            })
+            .map(|(k, _)| k)
+            .collect())
+    }
+
     /// Verifies every block every layer holds against its checksum and lists the bad ones.
     /// `progress` is called with (blocks checked, blocks in all).
     pub fn scrub(&mut self, mut progress: impl FnMut(u64, u64)) -> Result<Vec<CorruptBlock>> {
@@ -158,7 +183,6 @@ impl Store {
         let mut crcs = vec![0u8; 256 * 4];
         for id in ids {
             let blocks: Vec<u32> = self.layers[&id].blocks.iter().collect();
-            let (dfd, cfd) = (self.layers[&id].data_fd(), self.layers[&id].crc_fd());
             let name = self.layer_name(id);
             let mut i = 0;
             while i < blocks.len() {
@@ -172,26 +196,11 @@ impl Store {
                 }
                 let first = u64::from(start);
                 let (d, c) = (&mut data[..n * BLOCK_SIZE as usize], &mut crcs[..n * 4]);
-                self.io.run_all(&mut [
-                    Op::Read {
-                        fd: dfd,
-                        buf: d,
-                        offset: first * BS,
-                    },
-                    Op::Read {
-                        fd: cfd,
-                        buf: c,
-                        offset: first * 4,
-                    },
-                ])?;
-                for (k, block) in d.chunks(BLOCK_SIZE as usize).enumerate() {
-                    let s = &c[k * 4..k * 4 + 4];
-                    if crc32fast::hash(block) != u32::from_le_bytes([s[0], s[1], s[2], s[3]]) {
-                        bad.push(CorruptBlock {
-                            layer: name.clone(),
-                            offset: (first + k as u64) * BS,
-                        });
-                    }
+                for k in self.read_run_checked(id, first, d, c)? {
+                    bad.push(CorruptBlock {
+                        layer: name.clone(),
+                        offset: (first + k as u64) * BS,
+                    });
                 }
                 i += n;
                 done += n as u64;

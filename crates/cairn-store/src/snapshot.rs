@@ -200,10 +200,6 @@ impl Store {
             self.meta = m;
         }
         let todo = &self.layers[&merge.from].blocks - &self.layers[&merge.into].blocks;
-        let (sd, sc) = (
-            self.layers[&merge.from].data_fd(),
-            self.layers[&merge.from].crc_fd(),
-        );
         let (dd, dc) = (
             self.layers[&merge.into].data_fd(),
             self.layers[&merge.into].crc_fd(),
@@ -220,26 +216,11 @@ impl Store {
             let first = u64::from(start);
             let bytes = n as usize * BLOCK_SIZE as usize;
             let (d, c) = (&mut buf[..bytes], &mut crcs[..n as usize * 4]);
-            self.io.run_all(&mut [
-                Op::Read {
-                    fd: sd,
-                    buf: d,
-                    offset: first * BS,
-                },
-                Op::Read {
-                    fd: sc,
-                    buf: c,
-                    offset: first * 4,
-                },
-            ])?;
-            for (i, block) in d.chunks(BLOCK_SIZE as usize).enumerate() {
-                let s = &c[i * 4..i * 4 + 4];
-                if crc32fast::hash(block) != u32::from_le_bytes([s[0], s[1], s[2], s[3]]) {
-                    return Err(StoreError::Corruption {
-                        offset: (first + i as u64) * BS,
-                        layer: merge.from,
-                    });
-                }
+            if let Some(&i) = self.read_run_checked(merge.from, first, d, c)?.first() {
+                return Err(StoreError::Corruption {
+                    offset: (first + i as u64) * BS,
+                    layer: merge.from,
+                });
             }
             let regions = [self.dirty.regions(first * BS, u64::from(n) * BS)];
             self.dirty.mark(&mut self.io, &regions)?;
