@@ -54,6 +54,9 @@ pub struct DevArgs {
     /// I/O backend of the replica servers: auto, uring or portable.
     #[arg(long, default_value = "auto")]
     io_engine: EngineChoice,
+    /// Worker threads of the runtime that runs the engine and the NBD server.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    threads: u16,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -177,7 +180,7 @@ async fn spawn_replica(
 
 pub fn run(args: DevArgs) -> anyhow::Result<std::process::ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(usize::from(args.threads))
         .enable_all()
         .build()?;
     rt.block_on(run_async(args))

@@ -62,7 +62,7 @@ fn fio_verifies_while_replicas_are_killed() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let dev = Dev::start(&tmp.path().join("data"), "2s");
+    let mut dev = Dev::start(&tmp.path().join("data"), "2s");
 
     // r2 dies in the middle of fio's writes.
     let mut fio = Proc::spawn(
@@ -144,6 +144,35 @@ fn fio_verifies_while_replicas_are_killed() {
         &dev.status(),
         &[("r1", "ERR"), ("r2", "ERR"), ("r3", "ERR")],
     );
+    // r1 failed as the last RW replica: it holds every acknowledged write, so the persisted
+    // membership keeps it RW and a restart serves from it (r2 and r3 missed writes).
+    dev.stop();
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dev.dir.join("volume.json")).unwrap()).unwrap();
+    let modes: Vec<(String, String)> = state["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap().to_owned(),
+                r["mode"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        modes,
+        [("r1", "RW"), ("r2", "ERR"), ("r3", "ERR")]
+            .map(|(a, b)| (a.to_owned(), b.to_owned()))
+            .to_vec()
+    );
+    let dir = dev.dir.clone();
+    drop(dev);
+    let dev = Dev::start(&dir, "2s");
+    assert_modes(&dev.status(), &[("r1", "RW"), ("r2", "ERR"), ("r3", "ERR")]);
+    let again = nbdcopy_out(tmp.path());
+    assert_same_bytes(&again, &after, "whole volume from r1 after the restart");
+    drop(dev);
 }
 
 #[test]
