@@ -34,6 +34,9 @@ use link::Link;
 pub use link::LinkError;
 pub use set::{Fanout, Mode, Outcome, ReplicaSet};
 
+/// Bytes of the volume one extent listing covers: at most 65,536 extents (1 MiB) per reply.
+const EXTENT_SLICE: u64 = 256 << 20;
+
 /// One replica of the volume.
 #[derive(Debug, Clone)]
 pub struct ReplicaSpec {
@@ -372,6 +375,27 @@ impl Engine {
         check_range(offset, len, self.cfg.size, 4096)
     }
 
+    /// Allocated extents of one slice, from the first RW replica that answers.
+    async fn allocated_slice(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>, DevError> {
+        let order = lock(&self.set).read_order();
+        for i in order {
+            let req = Request::ListExtents {
+                layer: LayerRef::Merged,
+                offset,
+                len,
+            };
+            match self.answer(self.send(i, req)).await {
+                Ok(ReplyBody::Extents(e)) => return Ok(e),
+                Ok(other) => {
+                    let e = LinkError::Closed(format!("unexpected reply {other:?}"));
+                    self.fail(i, &e).await;
+                }
+                Err(e) => self.fail(i, &e).await,
+            }
+        }
+        Err(DevError::Io("no replica could list extents".into()))
+    }
+
     /// Writes the good data to every replica that reported corruption, in the ordered path:
     /// under the submit lock it re-reads the range from a good replica (which has applied
     /// every earlier write) and queues the write before any later write can be queued.
@@ -488,22 +512,21 @@ impl BlockDevice for Engine {
 
     async fn allocated(&self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>, DevError> {
         self.check(offset, len)?;
-        let order = lock(&self.set).read_order();
-        for i in order {
-            let req = Request::ListExtents {
-                layer: LayerRef::Merged,
-                offset,
-                len,
-            };
-            match self.answer(self.send(i, req)).await {
-                Ok(ReplyBody::Extents(e)) => return Ok(e),
-                Ok(other) => {
-                    let e = LinkError::Closed(format!("unexpected reply {other:?}"));
-                    self.fail(i, &e).await;
+        // Ask in slices so that one reply stays far below the frame limit whatever the
+        // fragmentation (a slice holds at most EXTENT_SLICE / 4096 extents of 16 bytes).
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let end = offset + len;
+        let mut at = offset;
+        while at < end {
+            let n = EXTENT_SLICE.min(end - at);
+            for (o, l) in self.allocated_slice(at, n).await? {
+                match out.last_mut() {
+                    Some((po, pl)) if *po + *pl == o => *pl += l,
+                    _ => out.push((o, l)),
                 }
-                Err(e) => self.fail(i, &e).await,
             }
+            at += n;
         }
-        Err(DevError::Io("no replica could list extents".into()))
+        Ok(out)
     }
 }
