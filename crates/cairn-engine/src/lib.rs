@@ -84,6 +84,8 @@ pub struct VolumeStatus {
     pub epoch: u64,
     pub replicas: Vec<ReplicaStatus>,
     pub read_repairs: u64,
+    /// Regions copied from one replica to the others at start (after an engine crash).
+    pub resynced_regions: u64,
 }
 
 #[derive(Default)]
@@ -110,6 +112,8 @@ pub struct Engine {
     /// order on all replicas. Never held across a wait for replies, except by read repair.
     submit: tokio::sync::Mutex<()>,
     read_repairs: AtomicU64,
+    /// Dirty regions copied between replicas at start.
+    resynced: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -179,12 +183,140 @@ impl Engine {
             slots,
             submit: tokio::sync::Mutex::new(()),
             read_repairs: AtomicU64::new(0),
+            resynced: AtomicU64::new(0),
             cfg,
         });
         if changed {
             engine.persist().await;
         }
+        // A source that fails mid-resync is out; start over from the next RW replica.
+        while engine.resync_dirty().await {}
         engine
+    }
+
+    /// After a restart, makes every RW replica equal to the first one in every region some
+    /// replica's dirty-region log marks: only there can writes that were in flight when the
+    /// previous engine died have reached some replicas and not others. Runs before the
+    /// volume is served. A replica that fails during it goes to ERR. Returns true when the
+    /// source failed, so the caller must run it again with the next source.
+    async fn resync_dirty(&self) -> bool {
+        let rw: Vec<usize> = {
+            let set = lock(&self.set);
+            (0..self.slots.len())
+                .filter(|&i| set.mode(i) == Mode::Rw)
+                .collect()
+        };
+        let Some((&source, targets)) = rw.split_first() else {
+            return false;
+        };
+        if targets.is_empty() {
+            return false;
+        }
+        let mut regions = std::collections::BTreeSet::new();
+        let mut region_size = 0;
+        for &i in &rw {
+            match self.answer(self.send(i, Request::DirtyRegions)).await {
+                Ok(ReplyBody::DirtyRegions {
+                    region_size: rs,
+                    regions: r,
+                }) => {
+                    region_size = rs;
+                    regions.extend(r);
+                }
+                Ok(other) => {
+                    let e = LinkError::Closed(format!("unexpected reply {other:?}"));
+                    self.fail(i, &e).await;
+                }
+                Err(e) => self.fail(i, &e).await,
+            }
+        }
+        if regions.is_empty() || region_size == 0 {
+            return false;
+        }
+        tracing::info!(regions = regions.len(), source = %self.slots[source].spec.id, "resyncing dirty regions after restart");
+        let _g = self.submit.lock().await;
+        for r in regions {
+            let offset = r * region_size;
+            if offset >= self.cfg.size {
+                continue;
+            }
+            let len = region_size.min(self.cfg.size - offset);
+            match self.copy_region(source, targets, offset, len).await {
+                Ok(()) => {
+                    self.resynced.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    // Without the source's copy the targets cannot be trusted to match it.
+                    tracing::error!(error = %e, offset, "resync source failed");
+                    self.fail(source, &e).await;
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Copies `offset..offset+len` of replica `source` over every replica in `targets`:
+    /// the targets' range is discarded, then the source's allocated extents written.
+    async fn copy_region(
+        &self,
+        source: usize,
+        targets: &[usize],
+        offset: u64,
+        len: u64,
+    ) -> Result<(), LinkError> {
+        let extents = match self
+            .answer(self.send(
+                source,
+                Request::ListExtents {
+                    layer: LayerRef::Merged,
+                    offset,
+                    len,
+                },
+            ))
+            .await?
+        {
+            ReplyBody::Extents(e) => e,
+            other => return Err(LinkError::Closed(format!("unexpected reply {other:?}"))),
+        };
+        let mut writes = vec![Request::Trim {
+            offset,
+            len,
+            fua: false,
+        }];
+        for (o, l) in extents {
+            let l32 = u32::try_from(l).map_err(|_| LinkError::Closed("extent too large".into()))?;
+            match self
+                .answer(self.send(
+                    source,
+                    Request::Read {
+                        offset: o,
+                        len: l32,
+                    },
+                ))
+                .await?
+            {
+                ReplyBody::Data { crcs, data }
+                    if cairn_wire::first_bad_block(&data, &crcs).is_none() =>
+                {
+                    writes.push(Request::write(o, false, data));
+                }
+                _ => return Err(LinkError::Closed("bad read from the resync source".into())),
+            }
+        }
+        for &t in targets {
+            if lock(&self.set).mode(t) != Mode::Rw {
+                continue;
+            }
+            let futs: Vec<_> = writes.iter().map(|w| self.send(t, w.clone())).collect();
+            for f in futs {
+                if let Err(e) = self.answer(f).await {
+                    self.fail(t, &e).await;
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn status(&self) -> VolumeStatus {
@@ -209,6 +341,7 @@ impl Engine {
                 })
                 .collect(),
             read_repairs: self.read_repairs.load(Ordering::Relaxed),
+            resynced_regions: self.resynced.load(Ordering::Relaxed),
         }
     }
 

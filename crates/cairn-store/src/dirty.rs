@@ -145,17 +145,6 @@ impl DirtyLog {
         Ok(())
     }
 
-    /// Clears every mark durably (after recovery has repaired the marked regions).
-    pub(crate) fn clear_all(&mut self, io: &mut Io) -> Result<()> {
-        self.bits.iter_mut().for_each(|b| *b = 0);
-        self.marked.clear();
-        self.touched.clear();
-        let fd = self.file.as_raw_fd();
-        io.write_at(fd, &self.bits, 0)?;
-        io.fdatasync(&[fd])?;
-        Ok(())
-    }
-
     /// Extends the log (fully allocated) to cover a volume of `size` bytes.
     pub(crate) fn grow(&mut self, io: &mut Io, size: u64) -> Result<()> {
         let old = self.bits.len();

@@ -3,7 +3,9 @@
 //! After a crash the only places where a block's data and its checksum can disagree without
 //! real corruption are the regions marked in the dirty-region log, in the head and in the
 //! target of an interrupted merge. `recover` recomputes the checksums of the blocks those
-//! layers hold there, makes them durable, clears the log, and completes the merge. Anywhere
+//! layers hold there, makes them durable and completes the merge. It leaves the marks in
+//! place: until the next flush clears them they tell a restarted engine which regions may
+//! differ between replicas. Anywhere
 //! else a mismatch is reported as corruption, by reads and by [`Store::scrub`].
 
 use std::fs;
@@ -60,7 +62,8 @@ impl Store {
                 let fds = [l.crc_fd()];
                 self.io.fdatasync(&fds)?;
             }
-            self.dirty.clear_all(&mut self.io)?;
+            // The marks stay until a flush clears them: they also tell an engine that restarts
+            // after a crash which regions may differ between replicas.
             tracing::info!(
                 regions = marked.len(),
                 repaired = self.recovery.checksums_repaired,

@@ -209,6 +209,9 @@ fn dirty_regions_repair_torn_checksums_at_open() {
     assert_eq!(s.recovery_report().dirty_regions, 1);
     assert_eq!(s.recovery_report().checksums_repaired, 1);
     assert!(s.scrub(|_, _| {}).unwrap().is_empty());
+    // The mark survives recovery (a restarted engine resyncs from it) until a flush.
+    assert_eq!(s.dirty_regions().1, vec![0]);
+    s.flush().unwrap();
     assert!(s.dirty_regions().1.is_empty());
 }
 

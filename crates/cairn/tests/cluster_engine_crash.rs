@@ -1,0 +1,74 @@
+//! Engine crash: `cairn dev` is SIGKILLed while fio writes (its replica servers die with it);
+//! the restarted engine resyncs the regions the replicas' dirty logs mark, so every RW replica
+//! ends byte-identical.
+
+#![allow(clippy::cast_possible_truncation)]
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn engine_killed_mid_write_restarts_with_identical_replicas() {
+    if !enter_private_netns() || !have_tools(&["fio"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    for round in 0..3u32 {
+        let dev = Dev::start(&dir, "5s");
+        if round > 0 {
+            let status = dev.status();
+            assert!(
+                status["resynced_regions"].as_u64().unwrap_or(0) > 0,
+                "round {round}: the restarted engine resynced nothing: {status}"
+            );
+            for id in ["r1", "r2", "r3"] {
+                assert_eq!(mode_of(&status, id), "RW", "round {round}: {status}");
+            }
+            dev.assert_verified(&format!("replicas after engine crash {round}"));
+        }
+        let fio = Proc::spawn(
+            Command::new("fio").args([
+                "--name=crash",
+                "--ioengine=nbd",
+                &format!("--uri={NBD_URI}"),
+                "--rw=randwrite",
+                "--bsrange=4k-64k",
+                "--size=128M",
+                "--iodepth=32",
+                "--time_based",
+                "--runtime=60",
+                &format!("--randseed={}", round + 1),
+            ]),
+            "fio writing while the engine is killed",
+        );
+        let writes = |dev: &Dev| {
+            replica_status(&dev.status(), "r1")["writes"]
+                .as_u64()
+                .unwrap_or(0)
+        };
+        let before = writes(&dev);
+        wait_until(
+            "fio to have written 2000 times",
+            Duration::from_secs(60),
+            || writes(&dev) > before + 2000,
+        );
+        let replicas = children_of(dev.pid());
+        send_signal(dev.pid(), libc::SIGKILL);
+        for pid in replicas {
+            wait_until(
+                &format!("replica server {pid} to die with cairn dev"),
+                Duration::from_secs(10),
+                || !proc_alive(pid),
+            );
+        }
+        drop(dev);
+        drop(fio);
+    }
+    let dev = Dev::start(&dir, "5s");
+    dev.assert_verified("replicas after the last engine crash");
+}
