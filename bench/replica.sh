@@ -35,8 +35,8 @@ LOADGEN=$ROOT/target/release/cairn-loadgen
 RAW=$WORK/raw.img
 CLK_TCK=$(getconf CLK_TCK)
 
-log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 # name -> "fio_rw loadgen_pattern bs qd"
 workload() {
@@ -96,26 +96,6 @@ stop_server() {
     wait "$pid" 2>/dev/null || true
     exec {fd}<&-
     unset "SERVER_PID[$name]"
-}
-
-# Writes back everything dirty on the work dir's filesystem, then drops the page cache of every
-# file under the work dir (fdatasync + POSIX_FADV_DONTNEED): each run starts cold and clean.
-settle() {
-    sync -f "$WORK"
-    python3 - "$WORK" <<'PY'
-import os, sys
-for d, _, files in os.walk(sys.argv[1]):
-    for f in files:
-        p = os.path.join(d, f)
-        if not os.path.isfile(p):
-            continue
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-PY
 }
 
 # Busy CPU ticks of the whole machine (user, nice, system, irq, softirq).

@@ -19,6 +19,8 @@ import json
 import os
 import sys
 
+from report_common import load, num, ratio
+
 GOAL_WORKLOAD = "rw4k-qd32"
 GOAL_RATIO = 0.7
 
@@ -28,16 +30,6 @@ TITLES = {
     "sw1m-qd8": "1 MiB sequential write, QD8",
     "rr4k-qd32": "4 KiB random read, QD32 (bonus)",
 }
-
-
-def load(path):
-    """Loads one JSON document, skipping any text fio printed before it."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    start = text.find("{")
-    if start < 0:
-        raise ValueError(f"{path}: no JSON object")
-    return json.loads(text[start:])
 
 
 def fio_figures(doc):
@@ -80,14 +72,6 @@ def other(f):
     if f.get("machine_cores") is None:
         return None
     return max(0.0, f["machine_cores"] - own)
-
-
-def num(x, fmt="{:,.0f}"):
-    return "n/a" if x is None else fmt.format(x)
-
-
-def ratio(a, b):
-    return None if not a or not b else a / b
 
 
 def main():

@@ -39,8 +39,8 @@ SIZE=$(numfmt --from=iec "${SIZE_SPEC^^}")
 CAIRN=$ROOT/target/release/cairn
 JSON=$WORK/json
 
-log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 # name -> "fio_rw bs iodepth"
 workload() {
@@ -175,27 +175,6 @@ start_cairn() {
     URI[$name]=$line
     wait_nbd "$name" "$line"
     log "cairn dev --replicas $n (pid ${PID[$name]}, replicas $(replica_pids "$name" | tr '\n' ' ')) serving $line"
-}
-
-# Writes back everything dirty on the work dir's filesystem, then drops the page cache of
-# every file under the work dir (fdatasync + POSIX_FADV_DONTNEED), Cairn's layer files
-# (replicas/rN/.../layers/*.data, *.crc) included: each run starts cold and clean.
-settle() {
-    sync -f "$WORK"
-    python3 - "$WORK" <<'PY'
-import os, sys
-for d, _, files in os.walk(sys.argv[1]):
-    for f in files:
-        p = os.path.join(d, f)
-        if not os.path.isfile(p):
-            continue
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-PY
 }
 
 # snapshot OUT ROLE:PID...: CPU ticks of the whole machine, of this script's finished children

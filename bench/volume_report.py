@@ -22,6 +22,8 @@ import os
 import re
 import sys
 
+from report_common import load, num, ratio
+
 TITLES = {
     "rw4k-qd1": "4 KiB random write, QD1",
     "rw4k-qd32": "4 KiB random write, QD32",
@@ -41,16 +43,6 @@ BASE = "qemu"
 # A run whose "other" CPU (machine busy minus the run's own processes) exceeds this is flagged.
 DISTURBED_CORES = 0.3
 GB = 1e9
-
-
-def load(path):
-    """Loads one JSON document, skipping any text fio printed before it."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    start = text.find("{")
-    if start < 0:
-        raise ValueError(f"{path}: no JSON object")
-    return json.loads(text[start:])
 
 
 def pct(side, kind, p):
@@ -111,14 +103,6 @@ def cpu_figures(c0, c1):
     f["groups"] = groups
     f["other"] = max(0.0, f["machine"] - f["fio"] - f["server"] - f["replicas"])
     return f
-
-
-def num(x, fmt="{:,.0f}"):
-    return "n/a" if x is None else fmt.format(x)
-
-
-def ratio(a, b):
-    return None if not a or not b else a / b
 
 
 def main():

@@ -197,25 +197,7 @@ fn wait_exit(child: &mut Child, limit: Duration) -> bool {
 
 /// The pid of the only child process of `parent` (from `/proc/*/stat`).
 fn only_child_of(parent: u32) -> u32 {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("read /proc").flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ...: comm may hold spaces, so cut after the last ')'.
-        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let ppid = after.split_whitespace().nth(1).and_then(|s| s.parse().ok());
-        if ppid == Some(parent) {
-            found.push(pid);
-        }
-    }
+    let found = children_of(parent);
     assert_eq!(found.len(), 1, "children of {parent}: {found:?}");
     found[0]
 }

@@ -1,0 +1,26 @@
+# Shell helpers shared by bench/replica.sh and bench/volume.sh (sourced; $WORK must be set
+# before settle runs).
+
+log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# Writes back everything dirty on the work dir's filesystem, then drops the page cache of
+# every file under the work dir (fdatasync + POSIX_FADV_DONTNEED), Cairn's layer files
+# included: each run starts cold and clean.
+settle() {
+    sync -f "$WORK"
+    python3 - "$WORK" <<'PY'
+import os, sys
+for d, _, files in os.walk(sys.argv[1]):
+    for f in files:
+        p = os.path.join(d, f)
+        if not os.path.isfile(p):
+            continue
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+PY
+}
