@@ -29,6 +29,8 @@ struct Bound {
 }
 
 type Outcome = Result<ReplyBody, ReplyError>;
+/// A frame's request, or why it does not decode.
+type Decoded = Result<Request, cairn_wire::WireError>;
 
 /// Maps a store error to its wire error kind: the one place this mapping lives.
 pub(crate) fn reply_error(e: &StoreError) -> ReplyError {
@@ -120,41 +122,37 @@ impl Session {
         Ok(())
     }
 
-    /// Applies `frames` in order and appends one reply per frame to `out`.
+    /// Applies `frames` in order and appends one reply per frame to `out`. Each frame is
+    /// decoded once; runs of consecutive reads or writes go to the store as one batch.
     pub(crate) fn process(&mut self, frames: &[Frame], out: &mut BytesMut) {
+        let mut decoded: Vec<Option<Decoded>> =
+            frames.iter().map(|f| Some(Request::decode(f))).collect();
+        let is_read = |d: &Option<Decoded>| matches!(d, Some(Ok(Request::Read { .. })));
+        let is_write = |d: &Option<Decoded>| matches!(d, Some(Ok(Request::Write { .. })));
         let mut i = 0;
         while i < frames.len() {
-            let decoded = Request::decode(&frames[i]);
-            if matches!(decoded, Ok(Request::Read { .. })) && self.bound.is_some() {
+            let reads = is_read(&decoded[i]);
+            if self.bound.is_some() && (reads || is_write(&decoded[i])) {
+                let same = |d: &Option<Decoded>| if reads { is_read(d) } else { is_write(d) };
                 let mut j = i + 1;
-                while j < frames.len()
-                    && matches!(Request::decode(&frames[j]), Ok(Request::Read { .. }))
-                {
+                while j < frames.len() && same(&decoded[j]) {
                     j += 1;
                 }
-                self.read_run(&frames[i..j], out);
+                let run: Vec<(usize, Decoded)> = (i..j)
+                    .filter_map(|k| decoded[k].take().map(|d| (k, d)))
+                    .collect();
+                if reads {
+                    self.read_run(frames, run, out);
+                } else {
+                    self.write_run(frames, run, out);
+                }
                 i = j;
                 continue;
             }
-            let is_write = matches!(decoded, Ok(Request::Write { .. }));
-            if is_write && self.bound.is_some() {
-                // Gather the run of writes that follows.
-                let mut run = vec![(i, decoded)];
-                let mut j = i + 1;
-                while j < frames.len() {
-                    match Request::decode(&frames[j]) {
-                        Ok(r @ Request::Write { .. }) => run.push((j, Ok(r))),
-                        _ => break,
-                    }
-                    j += 1;
-                }
-                self.write_run(frames, run, out);
-                i = j;
-                continue;
-            }
-            let outcome = match decoded {
-                Ok(req) => self.apply(&frames[i], req),
-                Err(e) => Err(err(ErrorKind::InvalidArgument, format!("bad request: {e}"))),
+            let outcome = match decoded[i].take() {
+                Some(Ok(req)) => self.apply(&frames[i], req),
+                Some(Err(e)) => Err(err(ErrorKind::InvalidArgument, format!("bad request: {e}"))),
+                None => Err(err(ErrorKind::Io, "request decoded twice")),
             };
             self.reply(&frames[i], outcome, out);
             i += 1;
@@ -336,15 +334,16 @@ impl Session {
     }
 
     /// Applies a run of Read frames as one store batch, so the disk sees them concurrently.
-    fn read_run(&mut self, frames: &[Frame], out: &mut BytesMut) {
-        let mut outcomes: Vec<Option<Outcome>> = frames.iter().map(|_| None).collect();
+    fn read_run(&mut self, frames: &[Frame], run: Vec<(usize, Decoded)>, out: &mut BytesMut) {
+        let mut outcomes: Vec<Option<Outcome>> = run.iter().map(|_| None).collect();
         let mut bufs: Vec<(usize, u64, Vec<u8>)> = Vec::new();
         let mut store = None;
-        for (k, f) in frames.iter().enumerate() {
-            let Ok(Request::Read { offset, len }) = Request::decode(f) else {
+        for (k, (i, r)) in run.iter().enumerate() {
+            let Ok(Request::Read { offset, len }) = r else {
                 continue;
             };
-            let checked = self.current(f).and_then(|st| {
+            let (offset, len) = (*offset, *len);
+            let checked = self.current(&frames[*i]).and_then(|st| {
                 let size = lock(&st).size();
                 self.check_read_len(size, offset, len).map(|()| st)
             });
@@ -376,20 +375,15 @@ impl Session {
                 });
             }
         }
-        for (f, o) in frames.iter().zip(outcomes) {
+        for ((i, _), o) in run.iter().zip(outcomes) {
             let o = o.unwrap_or_else(|| Err(err(ErrorKind::Io, "read not applied")));
-            self.reply(f, o, out);
+            self.reply(&frames[*i], o, out);
         }
     }
 
     /// Applies a run of Write frames as one store batch; FUA writes are followed by one
     /// flush before any of the run's replies go out.
-    fn write_run(
-        &mut self,
-        frames: &[Frame],
-        run: Vec<(usize, Result<Request, cairn_wire::WireError>)>,
-        out: &mut BytesMut,
-    ) {
+    fn write_run(&mut self, frames: &[Frame], run: Vec<(usize, Decoded)>, out: &mut BytesMut) {
         let mut outcomes: Vec<Option<Outcome>> = run.iter().map(|_| None).collect();
         let mut reqs = Vec::new();
         let mut idx = Vec::new();
