@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use cairn_wire::{
-    block_crcs, FrameDecoder, Reply, ReplyBody, ReplyError, Request, StatusBody, WireError,
-    DEFAULT_MAX_FRAME,
+    block_crcs, FrameDecoder, LayerRef, Reply, ReplyBody, ReplyError, Request, StatusBody,
+    WireError, DEFAULT_MAX_FRAME, DIGEST_LEN,
 };
 
 /// What a client call can fail with.
@@ -189,6 +189,41 @@ impl Client {
     pub fn digest(&mut self) -> Result<([u8; 32], u64), ClientError> {
         match self.call(&Request::Digest)? {
             ReplyBody::Digest { digest, size } => Ok((digest, size)),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Drops `offset..offset+len` from the replica's head layer only.
+    pub fn unmap(&mut self, offset: u64, len: u64) -> Result<(), ClientError> {
+        match self.call(&Request::Unmap { offset, len })? {
+            ReplyBody::Empty => Ok(()),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// One digest per `granule` bytes of `offset..offset+len` of `layer`.
+    pub fn range_digests(
+        &mut self,
+        layer: LayerRef,
+        offset: u64,
+        len: u64,
+        granule: u32,
+    ) -> Result<Vec<[u8; DIGEST_LEN]>, ClientError> {
+        match self.call(&Request::RangeDigests {
+            layer,
+            offset,
+            len,
+            granule,
+        })? {
+            ReplyBody::RangeDigests(d) => Ok(d),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Discards the whole replica; returns the status of the new, empty one.
+    pub fn recreate(&mut self) -> Result<StatusBody, ClientError> {
+        match self.call(&Request::Recreate)? {
+            ReplyBody::Status(s) => Ok(s),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }

@@ -240,7 +240,10 @@ fn list_replicas(dir: &Path) -> std::io::Result<Vec<(String, String)>> {
         }
         for rep in std::fs::read_dir(vol.path())? {
             let rep = rep?;
-            if Store::exists(&rep.path()) {
+            // Names a Hello cannot use are not replicas: a dot-named directory beside a
+            // replica is what an interrupted recreate left, which opening the replica deletes.
+            let usable = valid_name(&rep.file_name().to_string_lossy());
+            if usable && Store::exists(&rep.path()) {
                 out.push((
                     vol.file_name().to_string_lossy().into_owned(),
                     rep.file_name().to_string_lossy().into_owned(),

@@ -52,6 +52,11 @@ fn err(kind: ErrorKind, msg: impl Into<String>) -> ReplyError {
     ReplyError::new(kind, 0, msg)
 }
 
+/// A StaleEpoch refusal; its detail is the replica's accepted epoch, the one to beat.
+fn stale(accepted: u64, msg: String) -> ReplyError {
+    ReplyError::new(ErrorKind::StaleEpoch, accepted, msg)
+}
+
 fn layer_sel(l: &LayerRef) -> LayerSel {
     match l {
         LayerRef::Head => LayerSel::Head,
@@ -65,6 +70,7 @@ fn status(s: &Store) -> StatusBody {
     StatusBody {
         size: s.size(),
         epoch: s.epoch(),
+        instance: s.instance(),
         volume: s.volume().to_owned(),
         replica_id: s.replica_id().to_owned(),
         chain: s.chain_names(),
@@ -120,6 +126,30 @@ impl Session {
             ));
         }
         Ok(())
+    }
+
+    /// Refuses a RangeDigests request whose reply frame would not fit in the frame limit
+    /// (the store checks the granule and its own limits).
+    fn check_digests_len(&self, len: u64, granule: u32) -> Result<(), ReplyError> {
+        if granule == 0 {
+            return Ok(());
+        }
+        let count = len.div_ceil(u64::from(granule));
+        let reply = usize::try_from(count)
+            .ok()
+            .and_then(|n| n.checked_mul(cairn_wire::DIGEST_LEN))
+            .and_then(|n| n.checked_add(cairn_wire::HEADER_LEN + 1 + 4));
+        match reply {
+            Some(reply) if reply <= self.max_frame => Ok(()),
+            _ => Err(ReplyError::new(
+                ErrorKind::TooLarge,
+                0,
+                format!(
+                    "{count} digests do not fit in a reply; the frame limit is {}",
+                    self.max_frame
+                ),
+            )),
+        }
     }
 
     /// Applies `frames` in order and appends one reply per frame to `out`. Each frame is
@@ -189,19 +219,19 @@ impl Session {
             .bound
             .as_ref()
             .ok_or_else(|| err(ErrorKind::NotReady, "no Hello on this connection yet"))?;
+        let current = lock(&b.store).epoch();
         if frame.header.epoch != b.epoch {
-            return Err(err(
-                ErrorKind::StaleEpoch,
+            return Err(stale(
+                current,
                 format!(
                     "frame epoch {} differs from the connection's {}",
                     frame.header.epoch, b.epoch
                 ),
             ));
         }
-        let current = lock(&b.store).epoch();
         if b.epoch < current {
-            return Err(err(
-                ErrorKind::StaleEpoch,
+            return Err(stale(
+                current,
                 format!("epoch {} was superseded by {current}", b.epoch),
             ));
         }
@@ -222,8 +252,8 @@ impl Session {
         let epoch = frame.header.epoch;
         let mut s = lock(&store);
         if epoch < s.epoch() {
-            return Err(err(
-                ErrorKind::StaleEpoch,
+            return Err(stale(
+                s.epoch(),
                 format!("epoch {epoch} is older than the accepted {}", s.epoch()),
             ));
         }
@@ -329,6 +359,30 @@ impl Session {
                     region_size,
                     regions,
                 })
+            }
+            Request::Unmap { offset, len } => {
+                s.unmap(offset, len).map(|()| ReplyBody::Empty).map_err(e)
+            }
+            Request::RangeDigests {
+                layer,
+                offset,
+                len,
+                granule,
+            } => {
+                self.check_digests_len(len, granule)?;
+                s.range_digests(&layer_sel(&layer), offset, len, granule)
+                    .map(ReplyBody::RangeDigests)
+                    .map_err(e)
+            }
+            Request::Recreate => {
+                s.recreate().map_err(e)?;
+                tracing::info!(
+                    volume = s.volume(),
+                    replica_id = s.replica_id(),
+                    instance = s.instance(),
+                    "replica recreated"
+                );
+                Ok(ReplyBody::Status(status(&s)))
             }
         }
     }

@@ -24,7 +24,9 @@ mod dirty;
 mod error;
 mod layer;
 mod meta;
+mod rebuild;
 mod recovery;
+mod recreate;
 mod snapshot;
 #[cfg(test)]
 #[allow(clippy::cast_possible_truncation)]
@@ -39,6 +41,7 @@ use cairn_io::{Backend, EngineChoice, Io};
 pub use data::{zero_block_crc, ReadReq, WriteReq, MAX_IO_BYTES};
 pub use error::{Result, StoreError};
 pub use meta::write_atomic;
+pub use rebuild::{MAX_DIGEST_GRANULES, MAX_DIGEST_RANGE};
 
 use dirty::DirtyLog;
 use layer::{Layer, LAYER_DIR};
@@ -188,6 +191,10 @@ impl Store {
     pub fn open(dir: &Path, engine: EngineChoice) -> Result<Store> {
         let io = Io::new(engine).map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
         let meta = Meta::load(dir)?;
+        // Whatever an interrupted recreate left beside the replica is garbage either way.
+        if let Err(e) = recreate::remove_scratch(dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove recreate leftovers");
+        }
         recovery::remove_orphans(dir, &meta)?;
         let mut layers = HashMap::new();
         for l in &meta.layers {
@@ -247,6 +254,12 @@ impl Store {
 
     pub fn recovery_report(&self) -> &RecoveryReport {
         &self.recovery
+    }
+
+    /// Random non-zero id of this incarnation of the replica, chosen when it was created or
+    /// last recreated (0 for a replica created before instance ids existed).
+    pub fn instance(&self) -> u64 {
+        self.meta.instance
     }
 
     /// The highest engine epoch this replica has accepted.

@@ -50,6 +50,10 @@ pub(crate) struct Meta {
     pub replica_id: String,
     pub size: u64,
     pub epoch: u64,
+    /// Random non-zero id of this incarnation of the replica, chosen at create and recreate;
+    /// 0 in files written before instance ids existed.
+    #[serde(default)]
+    pub instance: u64,
     pub region_size: u64,
     pub next_layer_id: u64,
     pub head: u64,
@@ -66,6 +70,7 @@ impl Meta {
             replica_id: replica_id.to_owned(),
             size,
             epoch: 0,
+            instance: new_instance(),
             region_size,
             next_layer_id: 2,
             head: 1,
@@ -144,6 +149,25 @@ impl Meta {
             .iter()
             .find(|l| !l.removed && l.snapshot.as_ref().is_some_and(|s| s.name == name))
             .map(|l| l.id)
+    }
+}
+
+/// A random non-zero instance id. std only: a `RandomState` is keyed from the OS's random
+/// source once per thread and differs per call, and the time and process id are mixed in
+/// on top.
+pub(crate) fn new_instance() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    loop {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        h.write_u128(now);
+        h.write_u32(std::process::id());
+        let id = h.finish();
+        if id != 0 {
+            return id;
+        }
     }
 }
 

@@ -7,6 +7,8 @@ use proptest::prelude::*;
 
 use super::*;
 
+mod rebuild;
+
 const BSZ: usize = BLOCK_SIZE as usize;
 
 fn engines() -> Vec<EngineChoice> {

@@ -127,7 +127,8 @@ pub enum ErrorKind {
     Misaligned = 2,
     /// The replica's disk is full.
     NoSpace = 3,
-    /// The request's epoch is older than the replica's accepted epoch.
+    /// The request's epoch is not the replica's accepted epoch (older, or overtaken since
+    /// the connection's Hello); `detail` is the replica's accepted epoch.
     StaleEpoch = 4,
     /// An I/O error on the replica.
     Io = 5,

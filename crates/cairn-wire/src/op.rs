@@ -1,6 +1,6 @@
 //! Operation codes carried in byte 5 of every frame header.
 //!
-//! A request carries one of the codes below (`0x01..=0x11`); its reply carries
+//! A request carries one of the codes below (`0x01..=0x14`); its reply carries
 //! the same code with [`REPLY_BIT`] set. Every other byte value is refused by
 //! [`FrameDecoder`](crate::FrameDecoder) before the payload is looked at.
 
@@ -43,11 +43,17 @@ pub const PING: u8 = 0x0F;
 pub const DIGEST: u8 = 0x10;
 /// Regions written since the last clean point.
 pub const DIRTY_REGIONS: u8 = 0x11;
+/// Drop a range from the head layer only, so older snapshot layers show through.
+pub const UNMAP: u8 = 0x12;
+/// BLAKE3 digests of a range of one layer (or the merged content), one per granule.
+pub const RANGE_DIGESTS: u8 = 0x13;
+/// Discard the whole replica and start again empty, with a new instance id.
+pub const RECREATE: u8 = 0x14;
 
 /// The lowest request op.
 pub const FIRST_REQUEST: u8 = HELLO;
 /// The highest request op.
-pub const LAST_REQUEST: u8 = DIRTY_REGIONS;
+pub const LAST_REQUEST: u8 = RECREATE;
 
 /// Is `op` a known request op (reply bit clear)?
 pub fn is_request(op: u8) -> bool {
@@ -94,6 +100,9 @@ pub fn name(op: u8) -> Option<&'static str> {
         PING => "ping",
         DIGEST => "digest",
         DIRTY_REGIONS => "dirty-regions",
+        UNMAP => "unmap",
+        RANGE_DIGESTS => "range-digests",
+        RECREATE => "recreate",
         _ => return None,
     })
 }
@@ -105,7 +114,7 @@ mod tests {
     #[test]
     fn known_ops_are_exactly_the_request_range_and_its_replies() {
         for op in 0..=u8::MAX {
-            let expected = (0x01..=0x11).contains(&op) || (0x81..=0x91).contains(&op);
+            let expected = (0x01..=0x14).contains(&op) || (0x81..=0x94).contains(&op);
             assert_eq!(is_known(op), expected, "op {op:#04x}");
             assert_eq!(name(op).is_some(), expected, "op {op:#04x}");
         }

@@ -56,6 +56,10 @@ pub struct StatusBody {
     pub size: u64,
     /// The replica's accepted epoch.
     pub epoch: u64,
+    /// Random non-zero id chosen when the replica was created (anew by Recreate); 0 for a
+    /// replica created before instance ids existed. A different value means different
+    /// content history, even under the same volume and replica id.
+    pub instance: u64,
     /// Volume name.
     pub volume: String,
     /// Replica id.
@@ -84,9 +88,9 @@ pub struct SnapshotInfo {
 /// The body of an ok reply; which variant is legal depends on the op.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplyBody {
-    /// Write, WriteZeroes, Trim, Flush, SnapshotCreate/Delete/Revert, Grow, Ping.
+    /// Write, WriteZeroes, Trim, Flush, SnapshotCreate/Delete/Revert, Grow, Ping, Unmap.
     Empty,
-    /// Hello and Status.
+    /// Hello, Status and Recreate.
     Status(StatusBody),
     /// Read and ReadLayer: one CRC32 per 4096-byte block (a final partial
     /// block has its own), then the data.
@@ -114,6 +118,8 @@ pub enum ReplyBody {
         /// Region indexes.
         regions: Vec<u64>,
     },
+    /// RangeDigests: one BLAKE3 digest per granule, in order.
+    RangeDigests(Vec<[u8; DIGEST_LEN]>),
 }
 
 /// The shape of body an op's ok reply carries.
@@ -126,11 +132,12 @@ enum BodyKind {
     Extents,
     Digest,
     DirtyRegions,
+    RangeDigests,
 }
 
 fn body_kind(request_op: u8) -> Option<BodyKind> {
     Some(match request_op {
-        op::HELLO | op::STATUS => BodyKind::Status,
+        op::HELLO | op::STATUS | op::RECREATE => BodyKind::Status,
         op::READ | op::READ_LAYER => BodyKind::Data,
         op::WRITE
         | op::WRITE_ZEROES
@@ -140,11 +147,13 @@ fn body_kind(request_op: u8) -> Option<BodyKind> {
         | op::SNAPSHOT_DELETE
         | op::SNAPSHOT_REVERT
         | op::GROW
-        | op::PING => BodyKind::Empty,
+        | op::PING
+        | op::UNMAP => BodyKind::Empty,
         op::SNAPSHOT_LIST => BodyKind::Snapshots,
         op::LIST_EXTENTS => BodyKind::Extents,
         op::DIGEST => BodyKind::Digest,
         op::DIRTY_REGIONS => BodyKind::DirtyRegions,
+        op::RANGE_DIGESTS => BodyKind::RangeDigests,
         _ => return None,
     })
 }
@@ -167,6 +176,7 @@ impl ReplyBody {
             ReplyBody::Extents(_) => BodyKind::Extents,
             ReplyBody::Digest { .. } => BodyKind::Digest,
             ReplyBody::DirtyRegions { .. } => BodyKind::DirtyRegions,
+            ReplyBody::RangeDigests(_) => BodyKind::RangeDigests,
         }
     }
 
@@ -185,7 +195,8 @@ impl ReplyBody {
 pub struct ReplyError {
     /// What went wrong.
     pub kind: ErrorKind,
-    /// For `Corruption`, the byte offset of the bad block; else 0.
+    /// For `Corruption` and `ChecksumMismatch`, the byte offset of the bad block; for
+    /// `StaleEpoch`, the replica's accepted epoch (the one to beat); else 0.
     pub detail: u64,
     /// Human-readable detail, at most 4096 bytes.
     pub message: String,
@@ -320,6 +331,7 @@ fn encode_body(body: &ReplyBody, out: &mut BytesMut) -> Result<(), WireError> {
         ReplyBody::Status(status) => {
             out.put_u64_le(status.size);
             out.put_u64_le(status.epoch);
+            out.put_u64_le(status.instance);
             put_str(out, &status.volume)?;
             put_str(out, &status.replica_id)?;
             out.put_u16_le(count_u16("chain entries", status.chain.len())?);
@@ -392,6 +404,12 @@ fn encode_body(body: &ReplyBody, out: &mut BytesMut) -> Result<(), WireError> {
                 out.put_u64_le(*region);
             }
         }
+        ReplyBody::RangeDigests(digests) => {
+            out.put_u32_le(count_u32("range digests", digests.len())?);
+            for digest in digests {
+                out.put_slice(digest);
+            }
+        }
     }
     Ok(())
 }
@@ -402,6 +420,7 @@ fn decode_body(kind: BodyKind, r: &mut Reader<'_>) -> Result<ReplyBody, WireErro
         BodyKind::Status => {
             let size = r.u64()?;
             let epoch = r.u64()?;
+            let instance = r.u64()?;
             let volume = r.string()?;
             let replica_id = r.string()?;
             let count = usize::from(r.u16()?);
@@ -420,6 +439,7 @@ fn decode_body(kind: BodyKind, r: &mut Reader<'_>) -> Result<ReplyBody, WireErro
             ReplyBody::Status(StatusBody {
                 size,
                 epoch,
+                instance,
                 volume,
                 replica_id,
                 chain,
@@ -468,6 +488,14 @@ fn decode_body(kind: BodyKind, r: &mut Reader<'_>) -> Result<ReplyBody, WireErro
                 region_size,
                 regions: r.u64s(count)?,
             }
+        }
+        BodyKind::RangeDigests => {
+            let count = r.u32()? as usize;
+            r.ensure_room(count, DIGEST_LEN)?;
+            let digests = (0..count)
+                .map(|_| r.fixed::<DIGEST_LEN>())
+                .collect::<Result<_, _>>()?;
+            ReplyBody::RangeDigests(digests)
         }
     })
 }

@@ -164,6 +164,29 @@ pub enum Request {
     Digest,
     /// Regions written since the last clean point.
     DirtyRegions,
+    /// Drop a range from the head layer only (no explicit zeros), so that older snapshot
+    /// layers show through.
+    Unmap {
+        /// Byte offset.
+        offset: u64,
+        /// Bytes to drop.
+        len: u64,
+    },
+    /// One BLAKE3 digest per `granule` bytes of a range of `layer` (the last granule may be
+    /// shorter); see docs/wire.md for what each digest covers.
+    RangeDigests {
+        /// Which layer.
+        layer: LayerRef,
+        /// Byte offset.
+        offset: u64,
+        /// Bytes to cover.
+        len: u64,
+        /// Bytes per digest.
+        granule: u32,
+    },
+    /// Discard the whole replica (every layer, snapshot and dirty mark) and start again
+    /// empty, with the same volume, id, size and epoch and a new instance id.
+    Recreate,
 }
 
 fn flag(set: bool, bit: u16) -> u16 {
@@ -205,6 +228,9 @@ impl Request {
             Request::Ping => op::PING,
             Request::Digest => op::DIGEST,
             Request::DirtyRegions => op::DIRTY_REGIONS,
+            Request::Unmap { .. } => op::UNMAP,
+            Request::RangeDigests { .. } => op::RANGE_DIGESTS,
+            Request::Recreate => op::RECREATE,
         }
     }
 
@@ -289,7 +315,9 @@ impl Request {
                 }
                 out.put_slice(data);
             }
-            Request::WriteZeroes { offset, len, .. } | Request::Trim { offset, len, .. } => {
+            Request::WriteZeroes { offset, len, .. }
+            | Request::Trim { offset, len, .. }
+            | Request::Unmap { offset, len } => {
                 out.put_u64_le(*offset);
                 out.put_u64_le(*len);
             }
@@ -316,12 +344,24 @@ impl Request {
                 out.put_u64_le(*offset);
                 out.put_u32_le(*len);
             }
+            Request::RangeDigests {
+                layer,
+                offset,
+                len,
+                granule,
+            } => {
+                layer.encode(out)?;
+                out.put_u64_le(*offset);
+                out.put_u64_le(*len);
+                out.put_u32_le(*granule);
+            }
             Request::Flush
             | Request::SnapshotList
             | Request::Status
             | Request::Ping
             | Request::Digest
-            | Request::DirtyRegions => {}
+            | Request::DirtyRegions
+            | Request::Recreate => {}
         }
         Ok(())
     }
@@ -393,6 +433,17 @@ impl Request {
             op::PING => Request::Ping,
             op::DIGEST => Request::Digest,
             op::DIRTY_REGIONS => Request::DirtyRegions,
+            op::UNMAP => Request::Unmap {
+                offset: r.u64()?,
+                len: r.u64()?,
+            },
+            op::RANGE_DIGESTS => Request::RangeDigests {
+                layer: LayerRef::decode(&mut r)?,
+                offset: r.u64()?,
+                len: r.u64()?,
+                granule: r.u32()?,
+            },
+            op::RECREATE => Request::Recreate,
             other => return Err(WireError::UnknownOp(other)),
         };
         r.finish()?;

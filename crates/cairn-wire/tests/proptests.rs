@@ -117,6 +117,16 @@ fn arb_request() -> impl Strategy<Value = Request> {
         Just(Request::Ping),
         Just(Request::Digest),
         Just(Request::DirtyRegions),
+        (any::<u64>(), any::<u64>()).prop_map(|(offset, len)| Request::Unmap { offset, len }),
+        (arb_layer(), any::<u64>(), any::<u64>(), any::<u32>()).prop_map(
+            |(layer, offset, len, granule)| Request::RangeDigests {
+                layer,
+                offset,
+                len,
+                granule
+            }
+        ),
+        Just(Request::Recreate),
     ]
 }
 
@@ -135,17 +145,17 @@ fn arb_counters() -> impl Strategy<Value = Counters> {
 
 fn arb_status() -> impl Strategy<Value = StatusBody> {
     (
-        any::<u64>(),
-        any::<u64>(),
+        (any::<u64>(), any::<u64>(), any::<u64>()),
         arb_string(),
         arb_string(),
         prop::collection::vec(arb_string(), 0..4),
         arb_counters(),
     )
         .prop_map(
-            |(size, epoch, volume, replica_id, chain, counters)| StatusBody {
+            |((size, epoch, instance), volume, replica_id, chain, counters)| StatusBody {
                 size,
                 epoch,
+                instance,
                 volume,
                 replica_id,
                 chain,
@@ -185,11 +195,12 @@ fn arb_ok_body() -> impl Strategy<Value = (u8, ReplyBody)> {
         op::SNAPSHOT_REVERT,
         op::GROW,
         op::PING,
+        op::UNMAP,
     ]);
     prop_oneof![
         empty_ops.prop_map(|op| (op, ReplyBody::Empty)),
         (
-            prop::sample::select(vec![op::HELLO, op::STATUS]),
+            prop::sample::select(vec![op::HELLO, op::STATUS, op::RECREATE]),
             arb_status()
         )
             .prop_map(|(op, s)| (op, ReplyBody::Status(s))),
@@ -226,6 +237,8 @@ fn arb_ok_body() -> impl Strategy<Value = (u8, ReplyBody)> {
                 }
             )
         ),
+        prop::collection::vec(prop::array::uniform::<_, DIGEST_LEN>(any::<u8>()), 0..8)
+            .prop_map(|d| (op::RANGE_DIGESTS, ReplyBody::RangeDigests(d))),
     ]
 }
 

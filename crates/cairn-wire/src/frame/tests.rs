@@ -85,7 +85,7 @@ fn wrong_magic_version_op_and_flags_are_rejected_even_with_a_valid_crc() {
     fix_crc(&mut buf);
     assert_eq!(decode(&mut buf), Err(WireError::BadVersion(2)));
 
-    for bad_op in [0x00, 0x12, 0x7F, 0x80, 0x92, 0xFF] {
+    for bad_op in [0x00, 0x15, 0x7F, 0x80, 0x95, 0xFF] {
         let mut buf = raw(bad_op, 0, b"");
         assert_eq!(decode(&mut buf), Err(WireError::UnknownOp(bad_op)));
     }

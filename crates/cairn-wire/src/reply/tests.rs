@@ -26,6 +26,7 @@ fn status_body() -> StatusBody {
     StatusBody {
         size: 1 << 30,
         epoch: 3,
+        instance: 0x0123_4567_89AB_CDEF,
         volume: "vol".into(),
         replica_id: "r1".into(),
         chain: vec!["a".into(), "b".into()],
@@ -110,10 +111,63 @@ fn every_reply_body_round_trips() {
                 regions: vec![0, 3, 99],
             },
         ),
+        ok(op::UNMAP, ReplyBody::Empty),
+        ok(
+            op::RANGE_DIGESTS,
+            ReplyBody::RangeDigests(vec![[1; DIGEST_LEN], [0; DIGEST_LEN], [0xFF; DIGEST_LEN]]),
+        ),
+        ok(op::RANGE_DIGESTS, ReplyBody::RangeDigests(vec![])),
+        ok(op::RECREATE, ReplyBody::Status(status_body())),
     ];
     for reply in &replies {
         round_trip(reply);
     }
+}
+
+#[test]
+fn status_and_range_digest_layouts_are_as_documented() {
+    let mut out = BytesMut::new();
+    ok(op::STATUS, ReplyBody::Status(status_body())).encode(&mut out);
+    let mut expected = vec![0];
+    expected.extend_from_slice(&(1u64 << 30).to_le_bytes());
+    expected.extend_from_slice(&3u64.to_le_bytes());
+    expected.extend_from_slice(&0x0123_4567_89AB_CDEFu64.to_le_bytes());
+    expected.extend_from_slice(&[3, 0, b'v', b'o', b'l', 2, 0, b'r', b'1']);
+    expected.extend_from_slice(&[2, 0, 1, 0, b'a', 1, 0, b'b']);
+    for c in 1u64..=8 {
+        expected.extend_from_slice(&c.to_le_bytes());
+    }
+    assert_eq!(&out[32..], &expected[..]);
+
+    let mut out = BytesMut::new();
+    let digests = vec![[7; DIGEST_LEN], [9; DIGEST_LEN]];
+    ok(op::RANGE_DIGESTS, ReplyBody::RangeDigests(digests)).encode(&mut out);
+    let mut expected = vec![0, 2, 0, 0, 0];
+    expected.extend_from_slice(&[7; DIGEST_LEN]);
+    expected.extend_from_slice(&[9; DIGEST_LEN]);
+    assert_eq!(&out[32..], &expected[..]);
+
+    // Strict: a digest list cut short or with a byte too many is refused.
+    let reply_op = op::REPLY_BIT | op::RANGE_DIGESTS;
+    let mut short = expected.clone();
+    short.pop();
+    assert_eq!(
+        Reply::decode(&reply_frame(reply_op, 0, short)),
+        Err(WireError::Truncated)
+    );
+    let mut long = expected;
+    long.push(0);
+    assert_eq!(
+        Reply::decode(&reply_frame(reply_op, 0, long)),
+        Err(WireError::TrailingBytes(1))
+    );
+    // A forged count cannot make the decoder allocate.
+    let mut forged = vec![0];
+    forged.extend_from_slice(&u32::MAX.to_le_bytes());
+    assert_eq!(
+        Reply::decode(&reply_frame(reply_op, 0, forged)),
+        Err(WireError::Truncated)
+    );
 }
 
 #[test]

@@ -130,6 +130,23 @@ fn every_request() -> Vec<Request> {
         Request::Ping,
         Request::Digest,
         Request::DirtyRegions,
+        Request::Unmap {
+            offset: 4096,
+            len: 1 << 20,
+        },
+        Request::RangeDigests {
+            layer: LayerRef::Snapshot("nightly".into()),
+            offset: 0,
+            len: 1 << 28,
+            granule: 1 << 20,
+        },
+        Request::RangeDigests {
+            layer: LayerRef::Merged,
+            offset: u64::MAX,
+            len: 0,
+            granule: 0,
+        },
+        Request::Recreate,
     ]
 }
 
@@ -145,6 +162,49 @@ fn every_request_variant_round_trips() {
     for request in &requests {
         round_trip(request);
     }
+}
+
+#[test]
+fn rebuild_payload_layouts_are_as_documented() {
+    let payload = |request: &Request| {
+        let mut out = BytesMut::new();
+        request.encode(1, 1, &mut out);
+        assert_eq!(&out[6..8], &[0, 0], "no flags");
+        out[32..].to_vec()
+    };
+    let unmap = Request::Unmap {
+        offset: 0x2000,
+        len: 0x3000,
+    };
+    let mut expected = 0x2000u64.to_le_bytes().to_vec();
+    expected.extend_from_slice(&0x3000u64.to_le_bytes());
+    assert_eq!(payload(&unmap), expected);
+
+    let digests = Request::RangeDigests {
+        layer: LayerRef::Snapshot("s1".into()),
+        offset: 0x1000,
+        len: 0x10_0000,
+        granule: 0x4_0000,
+    };
+    let mut expected = vec![1, 2, 0, b's', b'1'];
+    expected.extend_from_slice(&0x1000u64.to_le_bytes());
+    expected.extend_from_slice(&0x10_0000u64.to_le_bytes());
+    expected.extend_from_slice(&0x4_0000u32.to_le_bytes());
+    assert_eq!(payload(&digests), expected);
+
+    assert!(payload(&Request::Recreate).is_empty());
+    assert_eq!(
+        Request::decode(&frame(op::RECREATE, 0, vec![0])),
+        Err(WireError::TrailingBytes(1))
+    );
+    assert_eq!(
+        Request::decode(&frame(op::UNMAP, FLAG_FUA, vec![0; 16])),
+        Err(WireError::BadFlags(FLAG_FUA))
+    );
+    assert_eq!(
+        Request::decode(&frame(op::RANGE_DIGESTS, 0, vec![0; 20])),
+        Err(WireError::Truncated)
+    );
 }
 
 #[test]
