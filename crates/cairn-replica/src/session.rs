@@ -2,7 +2,9 @@
 //! dispatch of decoded frames to the store, in arrival order.
 //!
 //! Runs of consecutive Write frames go to the store as one batch (the store keeps their
-//! order where they overlap); everything else is applied one frame at a time. Each frame
+//! order where they overlap); everything else is applied one frame at a time. Every frame
+//! but Hello and Ping needs a Hello first and the connection's epoch still current; a
+//! StaleEpoch refusal carries the replica's accepted epoch as its detail. Each frame
 //! gets exactly one reply, appended to `out` in arrival order.
 
 use std::sync::{Arc, Mutex};
@@ -376,12 +378,6 @@ impl Session {
             }
             Request::Recreate => {
                 s.recreate().map_err(e)?;
-                tracing::info!(
-                    volume = s.volume(),
-                    replica_id = s.replica_id(),
-                    instance = s.instance(),
-                    "replica recreated"
-                );
                 Ok(ReplyBody::Status(status(&s)))
             }
         }

@@ -14,6 +14,9 @@
 //!   block is reported corrupt because of the crash.
 //! - Requests must be aligned to [`BLOCK_SIZE`] and inside the volume; anything else is
 //!   refused with a typed error and changes nothing.
+//! - [`Store::recreate`] replaces the whole replica by an empty one with the same epoch in one
+//!   atomic directory exchange: after a crash at any point `open` finds either the old replica
+//!   or the new one, never a mix, and never a lower epoch.
 //!
 //! Assumptions: one `Store` per directory (the caller serialises access), a file system that
 //! supports sparse files, hole punching and SEEK_DATA with allocation units of at most 4 KiB

@@ -274,6 +274,7 @@ enum Action {
     Revert(u8),
     Grow(u64),
     Reopen,
+    Recreate,
 }
 
 fn action() -> impl Strategy<Value = Action> {
@@ -287,6 +288,7 @@ fn action() -> impl Strategy<Value = Action> {
         1 => (0u8..4).prop_map(Action::Revert),
         1 => (0u64..16).prop_map(Action::Grow),
         1 => Just(Action::Reopen),
+        1 => Just(Action::Recreate),
     ]
 }
 
@@ -366,6 +368,13 @@ fn run_model(engine: EngineChoice, actions: &[Action]) -> std::result::Result<()
                 s.flush().unwrap();
                 drop(s);
                 s = Store::open(dir.path(), engine).unwrap();
+            }
+            Action::Recreate => {
+                let instance = s.instance();
+                s.recreate().unwrap();
+                prop_assert_ne!(s.instance(), instance);
+                model.fill(0);
+                snaps.clear();
             }
         }
         prop_assert_eq!(s.size(), size);
