@@ -14,15 +14,20 @@
 //!   not check out (on disk or on the wire) is never returned. A replica that reports a
 //!   corrupt block gets the good data written back (read repair).
 //! - With no RW replica left, requests fail at once with an I/O error.
+//! - A replica that left the set comes back by itself (when healing is on): a partial
+//!   resync from the engine's outage log if it returns within the resync window with the
+//!   same identity and chain, else a full rebuild (see [`heal`] and docs/rebuild.md).
 //!
 //! The decisions are in [`set`] (no I/O); this file carries them out.
 
+mod heal;
 mod link;
+mod outage;
 pub mod set;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -30,8 +35,12 @@ use cairn_blockdev::{check_range, BlockDevice, DevError};
 use cairn_wire::{ErrorKind, LayerRef, ReplyBody, Request};
 use serde::Serialize;
 
+use heal::{HealState, Identity, Tracker};
+pub use heal::{JobKind, JobState, JobStatus};
 use link::Link;
 pub use link::LinkError;
+use outage::Outages;
+pub use outage::REGION as OUTAGE_REGION;
 pub use set::{Fanout, Mode, Outcome, ReplicaSet};
 
 /// Bytes of the volume one extent listing covers: at most 65,536 extents (1 MiB) per reply.
@@ -46,8 +55,44 @@ pub struct ReplicaSpec {
     pub mode: Mode,
 }
 
-/// Called with every replica's (id, mode) when membership changes; must persist it durably.
-pub type MembershipHook = Arc<dyn Fn(Vec<(String, Mode)>) -> std::io::Result<()> + Send + Sync>;
+/// One member of the volume as persisted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaRecord {
+    pub id: String,
+    pub addr: SocketAddr,
+    pub mode: Mode,
+}
+
+/// Called with every member when membership changes; must persist it durably before
+/// returning.
+pub type MembershipHook = Arc<dyn Fn(Vec<ReplicaRecord>) -> std::io::Result<()> + Send + Sync>;
+
+/// How replicas that left the set are brought back.
+#[derive(Debug, Clone)]
+pub struct HealConfig {
+    /// Bring replicas back by themselves (resync or rebuild). Off: an ERR replica stays
+    /// out until it is added again.
+    pub enabled: bool,
+    /// How long an outage log is kept: a replica back within it is resynced, a later one
+    /// rebuilt.
+    pub resync_window: Duration,
+    /// Bytes per second a rebuild or resync may copy; 0 for no limit.
+    pub rebuild_rate: u64,
+    /// Flush every replica this often while writes come in, so the replicas' dirty-region
+    /// logs (what an engine crash makes the next engine copy) cover only recent writes.
+    pub flush_interval: Option<Duration>,
+}
+
+impl Default for HealConfig {
+    fn default() -> Self {
+        HealConfig {
+            enabled: true,
+            resync_window: Duration::from_secs(600),
+            rebuild_rate: 0,
+            flush_interval: Some(Duration::from_secs(2)),
+        }
+    }
+}
 
 /// How an engine runs.
 #[derive(Clone)]
@@ -61,6 +106,7 @@ pub struct EngineConfig {
     pub io_timeout: Duration,
     /// Persists membership changes.
     pub on_change: MembershipHook,
+    pub heal: HealConfig,
 }
 
 /// Per-replica counters and state, as shown by status.
@@ -74,6 +120,14 @@ pub struct ReplicaStatus {
     pub errors: u64,
     pub corrupt_reads: u64,
     pub last_error: Option<String>,
+    /// Bytes of data the last finished rebuild or resync wrote to this replica.
+    pub last_resync_bytes: u64,
+    /// Regions (of `outage_region_bytes`) written while this replica was out, if recorded.
+    pub outage_regions: Option<u64>,
+    /// The current or last rebuild / resync.
+    pub rebuild: Option<JobStatus>,
+    /// False after a cancelled rebuild: it waits for `rebuild start`.
+    pub auto_heal: bool,
 }
 
 /// The volume as status shows it.
@@ -86,6 +140,13 @@ pub struct VolumeStatus {
     pub read_repairs: u64,
     /// Regions copied from one replica to the others at start (after an engine crash).
     pub resynced_regions: u64,
+    /// Bytes of data those copies wrote.
+    pub resynced_bytes: u64,
+    /// Flushes the engine sent by itself (see `HealConfig::flush_interval`).
+    pub background_flushes: u64,
+    pub outage_region_bytes: u64,
+    /// Rebuild rate limit in bytes per second, 0 for none.
+    pub rebuild_rate: u64,
 }
 
 #[derive(Default)]
@@ -97,23 +158,61 @@ struct Stats {
 }
 
 struct Slot {
-    spec: ReplicaSpec,
+    id: String,
+    addr: Mutex<SocketAddr>,
     link: Mutex<Option<Arc<Link>>>,
     stats: Stats,
     last_error: Mutex<Option<String>>,
+    /// Taken out by `remove_replica`: kept only so indexes stay stable.
+    removed: AtomicBool,
+    /// Instance and chain at the last attach while in the set.
+    identity: Mutex<Option<Identity>>,
+    heal: Mutex<HealState>,
+    last_resync_bytes: AtomicU64,
+}
+
+impl Slot {
+    fn new(id: String, addr: SocketAddr) -> Slot {
+        Slot {
+            id,
+            addr: Mutex::new(addr),
+            link: Mutex::new(None),
+            stats: Stats::default(),
+            last_error: Mutex::new(None),
+            removed: AtomicBool::new(false),
+            identity: Mutex::new(None),
+            heal: Mutex::new(HealState::default()),
+            last_resync_bytes: AtomicU64::new(0),
+        }
+    }
 }
 
 /// One volume's engine. Cheap to clone handles via `Arc`.
+///
+/// Lock order: `submit`, then `outages`, then `set`, then `tracker`; `slots` and the
+/// per-slot mutexes are only held briefly and never across another of these.
 pub struct Engine {
     cfg: EngineConfig,
-    slots: Vec<Slot>,
+    slots: RwLock<Vec<Arc<Slot>>>,
     set: Mutex<ReplicaSet>,
     /// Held while a request is queued to every target, so overlapping requests keep one
     /// order on all replicas. Never held across a wait for replies, except by read repair.
     submit: tokio::sync::Mutex<()>,
+    /// Requests in flight and what replicas that are out missed.
+    outages: Mutex<Outages>,
+    /// Rebuild chunk copies in flight and the client writes that raced them.
+    tracker: Mutex<Tracker>,
+    /// Serialises membership persists so that the last one written is the newest.
+    persisting: tokio::sync::Mutex<()>,
     read_repairs: AtomicU64,
-    /// Dirty regions copied between replicas at start.
+    /// Dirty regions copied between replicas at start, and the bytes written.
     resynced: AtomicU64,
+    resynced_bytes: AtomicU64,
+    /// Data-changing requests since the background flush last looked.
+    unflushed: AtomicU64,
+    background_flushes: AtomicU64,
+    rebuild_rate: AtomicU64,
+    heal_wake: Arc<tokio::sync::Notify>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -136,19 +235,23 @@ fn dev_error(e: &LinkError) -> DevError {
 }
 
 impl Engine {
-    /// Connects to every replica not in `Err` and attaches at the config's epoch. Replicas
-    /// that cannot be reached or refuse (stale epoch, wrong size) start in `Err`.
+    /// Connects to every replica not in `Err` or `Wo` and attaches at the config's epoch.
+    /// Replicas that cannot be reached or refuse (stale epoch, wrong size) start in `Err`;
+    /// a `Wo` replica (its rebuild was interrupted) starts in `Err` and is rebuilt. Before
+    /// returning, regions the replicas' dirty logs mark are made identical (engine crash
+    /// recovery); with healing on, background tasks then bring ERR replicas back and flush
+    /// periodically.
     pub async fn start(cfg: EngineConfig) -> Arc<Engine> {
         let mut slots = Vec::new();
         let mut modes = Vec::new();
+        let mut statuses = Vec::new();
         for spec in &cfg.replicas {
-            let slot = Slot {
-                spec: spec.clone(),
-                link: Mutex::new(None),
-                stats: Stats::default(),
-                last_error: Mutex::new(None),
+            let slot = Slot::new(spec.id.clone(), spec.addr);
+            let mut mode = if spec.mode == Mode::Wo {
+                Mode::Err
+            } else {
+                spec.mode
             };
-            let mut mode = spec.mode;
             if mode != Mode::Err {
                 let attached = tokio::time::timeout(
                     cfg.io_timeout,
@@ -159,6 +262,7 @@ impl Engine {
                 match attached {
                     Ok((link, status)) if status.size == cfg.size => {
                         *lock(&slot.link) = Some(Arc::new(link));
+                        statuses.push((slots.len(), status));
                     }
                     Ok((_, status)) => {
                         *lock(&slot.last_error) = Some(format!(
@@ -175,23 +279,76 @@ impl Engine {
                 }
             }
             modes.push(mode);
-            slots.push(slot);
+            slots.push(Arc::new(slot));
         }
         let changed = modes.iter().zip(&cfg.replicas).any(|(m, s)| *m != s.mode);
         let engine = Arc::new(Engine {
             set: Mutex::new(ReplicaSet::new(modes, None)),
-            slots,
+            slots: RwLock::new(slots),
             submit: tokio::sync::Mutex::new(()),
+            outages: Mutex::new(Outages::default()),
+            tracker: Mutex::new(Tracker::default()),
+            persisting: tokio::sync::Mutex::new(()),
             read_repairs: AtomicU64::new(0),
             resynced: AtomicU64::new(0),
+            resynced_bytes: AtomicU64::new(0),
+            unflushed: AtomicU64::new(0),
+            background_flushes: AtomicU64::new(0),
+            rebuild_rate: AtomicU64::new(cfg.heal.rebuild_rate),
+            heal_wake: Arc::new(tokio::sync::Notify::new()),
             cfg,
         });
+        for (i, status) in statuses {
+            engine.remember_identity(i, &status).await;
+        }
         if changed {
             engine.persist().await;
         }
         // A source that fails mid-resync is out; start over from the next RW replica.
         while engine.resync_dirty().await {}
+        if engine.cfg.heal.enabled {
+            tokio::spawn(Engine::heal_loop(
+                Arc::downgrade(&engine),
+                engine.heal_wake.clone(),
+            ));
+        }
+        if let Some(every) = engine.cfg.heal.flush_interval {
+            tokio::spawn(Engine::flush_loop(Arc::downgrade(&engine), every));
+        }
         engine
+    }
+
+    fn slots(&self) -> Vec<Arc<Slot>> {
+        self.slots.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn slot(&self, i: usize) -> Arc<Slot> {
+        self.slots.read().unwrap_or_else(|p| p.into_inner())[i].clone()
+    }
+
+    fn index_of(&self, id: &str) -> Option<usize> {
+        self.slots()
+            .iter()
+            .position(|s| s.id == id && !s.removed.load(Ordering::Relaxed))
+    }
+
+    /// Flushes every replica each `every` while data-changing requests come in, and once
+    /// more after they stop: a replica clears a dirty-log mark at the second flush that saw
+    /// no write to the region, so two flushes after the last write leave no mark behind.
+    async fn flush_loop(engine: std::sync::Weak<Engine>, every: Duration) {
+        let mut one_more = false;
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(e) = engine.upgrade() else { return };
+            let wrote = e.unflushed.swap(0, Ordering::Relaxed) > 0;
+            if !wrote && !one_more {
+                continue;
+            }
+            one_more = wrote;
+            if e.fanout(Request::Flush).await.is_ok() {
+                e.background_flushes.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// After a restart, makes every RW replica equal to the first one in every region some
@@ -202,7 +359,7 @@ impl Engine {
     async fn resync_dirty(&self) -> bool {
         let rw: Vec<usize> = {
             let set = lock(&self.set);
-            (0..self.slots.len())
+            (0..set.modes().len())
                 .filter(|&i| set.mode(i) == Mode::Rw)
                 .collect()
         };
@@ -233,115 +390,87 @@ impl Engine {
         if regions.is_empty() || region_size == 0 {
             return false;
         }
-        tracing::info!(regions = regions.len(), source = %self.slots[source].spec.id, "resyncing dirty regions after restart");
-        let _g = self.submit.lock().await;
+        tracing::info!(regions = regions.len(), source = %self.slot(source).id, "resyncing dirty regions after restart");
         for r in regions {
             let offset = r * region_size;
             if offset >= self.cfg.size {
                 continue;
             }
             let len = region_size.min(self.cfg.size - offset);
-            match self.copy_region(source, targets, offset, len).await {
-                Ok(()) => {
-                    self.resynced.fetch_add(1, Ordering::Relaxed);
+            for &t in targets {
+                if lock(&self.set).mode(t) != Mode::Rw {
+                    continue;
                 }
-                Err(e) => {
-                    // Without the source's copy the targets cannot be trusted to match it.
-                    tracing::error!(error = %e, offset, "resync source failed");
-                    self.fail(source, &e).await;
-                    return true;
+                match self.copy_unserved(source, t, offset, len).await {
+                    Ok(bytes) => {
+                        self.resynced_bytes.fetch_add(bytes, Ordering::Relaxed);
+                    }
+                    Err(heal::HealError::Target(e)) => self.fail(t, &e).await,
+                    Err(e) => {
+                        // Without the source's copy the targets cannot be trusted to match.
+                        tracing::error!(error = %e, offset, "resync source failed");
+                        let why = match e {
+                            heal::HealError::Source(l) => l,
+                            other => LinkError::Closed(other.to_string()),
+                        };
+                        self.fail(source, &why).await;
+                        return true;
+                    }
                 }
             }
+            self.resynced.fetch_add(1, Ordering::Relaxed);
         }
         false
     }
 
-    /// Copies `offset..offset+len` of replica `source` over every replica in `targets`:
-    /// the targets' range is discarded, then the source's allocated extents written.
-    async fn copy_region(
-        &self,
-        source: usize,
-        targets: &[usize],
-        offset: u64,
-        len: u64,
-    ) -> Result<(), LinkError> {
-        let extents = match self
-            .answer(self.send(
-                source,
-                Request::ListExtents {
-                    layer: LayerRef::Merged,
-                    offset,
-                    len,
-                },
-            ))
-            .await?
-        {
-            ReplyBody::Extents(e) => e,
-            other => return Err(LinkError::Closed(format!("unexpected reply {other:?}"))),
-        };
-        let mut writes = vec![Request::Trim {
-            offset,
-            len,
-            fua: false,
-        }];
-        for (o, l) in extents {
-            let l32 = u32::try_from(l).map_err(|_| LinkError::Closed("extent too large".into()))?;
-            match self
-                .answer(self.send(
-                    source,
-                    Request::Read {
-                        offset: o,
-                        len: l32,
-                    },
-                ))
-                .await?
-            {
-                ReplyBody::Data { crcs, data }
-                    if cairn_wire::first_bad_block(&data, &crcs).is_none() =>
-                {
-                    writes.push(Request::write(o, false, data));
-                }
-                _ => return Err(LinkError::Closed("bad read from the resync source".into())),
-            }
-        }
-        for &t in targets {
-            if lock(&self.set).mode(t) != Mode::Rw {
-                continue;
-            }
-            let futs: Vec<_> = writes.iter().map(|w| self.send(t, w.clone())).collect();
-            for f in futs {
-                if let Err(e) = self.answer(f).await {
-                    self.fail(t, &e).await;
-                    break;
-                }
-            }
-        }
-        Ok(())
-    }
-
     pub fn status(&self) -> VolumeStatus {
         let set = lock(&self.set).clone();
+        let outages: Vec<Option<u64>> = {
+            let o = lock(&self.outages);
+            (0..set.modes().len()).map(|i| o.marked(i)).collect()
+        };
         VolumeStatus {
             volume: self.cfg.volume.clone(),
             size: self.cfg.size,
             epoch: self.cfg.epoch,
             replicas: self
-                .slots
+                .slots()
                 .iter()
                 .enumerate()
-                .map(|(i, s)| ReplicaStatus {
-                    id: s.spec.id.clone(),
-                    addr: s.spec.addr.to_string(),
-                    mode: set.mode(i),
-                    reads: s.stats.reads.load(Ordering::Relaxed),
-                    writes: s.stats.writes.load(Ordering::Relaxed),
-                    errors: s.stats.errors.load(Ordering::Relaxed),
-                    corrupt_reads: s.stats.corrupt_reads.load(Ordering::Relaxed),
-                    last_error: lock(&s.last_error).clone(),
+                .filter(|(_, s)| !s.removed.load(Ordering::Relaxed))
+                .map(|(i, s)| {
+                    let h = lock(&s.heal);
+                    let rebuild = h.job.clone().map(|mut j| {
+                        if j.state == JobState::Running {
+                            if let Some(t) = h.started {
+                                j.elapsed_ms =
+                                    u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
+                            }
+                        }
+                        j
+                    });
+                    ReplicaStatus {
+                        id: s.id.clone(),
+                        addr: lock(&s.addr).to_string(),
+                        mode: set.mode(i),
+                        reads: s.stats.reads.load(Ordering::Relaxed),
+                        writes: s.stats.writes.load(Ordering::Relaxed),
+                        errors: s.stats.errors.load(Ordering::Relaxed),
+                        corrupt_reads: s.stats.corrupt_reads.load(Ordering::Relaxed),
+                        last_error: lock(&s.last_error).clone(),
+                        last_resync_bytes: s.last_resync_bytes.load(Ordering::Relaxed),
+                        outage_regions: outages.get(i).copied().flatten(),
+                        rebuild,
+                        auto_heal: h.auto,
+                    }
                 })
                 .collect(),
             read_repairs: self.read_repairs.load(Ordering::Relaxed),
             resynced_regions: self.resynced.load(Ordering::Relaxed),
+            resynced_bytes: self.resynced_bytes.load(Ordering::Relaxed),
+            background_flushes: self.background_flushes.load(Ordering::Relaxed),
+            outage_region_bytes: OUTAGE_REGION,
+            rebuild_rate: self.rebuild_rate.load(Ordering::Relaxed),
         }
     }
 
@@ -352,7 +481,7 @@ impl Engine {
             let _g = self.submit.lock().await;
             let targets: Vec<usize> = {
                 let set = lock(&self.set);
-                (0..self.slots.len())
+                (0..set.modes().len())
                     .filter(|&i| set.mode(i) == Mode::Rw)
                     .collect()
             };
@@ -370,9 +499,138 @@ impl Engine {
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(_) => Err("timed out".to_owned()),
             };
-            out.push((self.slots[i].spec.id.clone(), r));
+            out.push((self.slot(i).id.clone(), r));
         }
         out
+    }
+
+    /// Replica `id` now listens on `addr` (its server was restarted): the next attempt to
+    /// bring it back is due at once.
+    pub fn set_replica_addr(&self, id: &str, addr: SocketAddr) {
+        if let Some(i) = self.index_of(id) {
+            let slot = self.slot(i);
+            *lock(&slot.addr) = addr;
+            lock(&slot.heal).poke();
+            self.heal_wake.notify_one();
+        }
+    }
+
+    /// Adds a replica served at `addr` (created there if missing); it is rebuilt from an RW
+    /// replica and turns RW when done. Returns its id (`id`, or the next free `rN`).
+    pub async fn add_replica(
+        &self,
+        id: Option<String>,
+        addr: SocketAddr,
+    ) -> Result<String, String> {
+        if !self.cfg.heal.enabled {
+            return Err("healing is off (--no-heal): replicas cannot be added".into());
+        }
+        let id = {
+            let _g = self.submit.lock().await;
+            let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+            let live = |name: &str| {
+                slots
+                    .iter()
+                    .any(|s| s.id == name && !s.removed.load(Ordering::Relaxed))
+            };
+            let id = match id {
+                Some(id) if live(&id) => return Err(format!("replica {id} already exists")),
+                Some(id) => id,
+                None => (1..)
+                    .map(|n| format!("r{n}"))
+                    .find(|c| !slots.iter().any(|s| &s.id == c))
+                    .unwrap_or_default(),
+            };
+            if !id_is_valid(&id) {
+                return Err(format!(
+                    "replica id {id:?} must be 1-128 of [A-Za-z0-9._-], not starting with '.'"
+                ));
+            }
+            if slots
+                .iter()
+                .filter(|s| !s.removed.load(Ordering::Relaxed))
+                .any(|s| *lock(&s.addr) == addr)
+            {
+                return Err(format!("a replica of this volume already uses {addr}"));
+            }
+            slots.push(Arc::new(Slot::new(id.clone(), addr)));
+            lock(&self.set).add(Mode::Err);
+            id
+        };
+        self.persist().await;
+        self.heal_wake.notify_one();
+        tracing::info!(replica = %id, %addr, "replica added; rebuilding");
+        Ok(id)
+    }
+
+    /// Takes replica `id` out of the volume (its data stays where it is). Refused when it
+    /// is the last RW replica.
+    pub async fn remove_replica(&self, id: &str) -> Result<(), String> {
+        let i = self
+            .index_of(id)
+            .ok_or_else(|| format!("no replica {id}"))?;
+        let slot = self.slot(i);
+        lock(&slot.heal).cancel.store(true, Ordering::Relaxed);
+        {
+            let _g = self.submit.lock().await;
+            let mut o = lock(&self.outages);
+            let mut set = lock(&self.set);
+            let rw = (0..set.modes().len())
+                .filter(|&k| set.mode(k) == Mode::Rw)
+                .count();
+            if set.mode(i) == Mode::Rw && rw == 1 {
+                lock(&slot.heal).cancel.store(false, Ordering::Relaxed);
+                return Err(format!("{id} is the last RW replica"));
+            }
+            set.fail(i);
+            drop(o.take(i));
+            slot.removed.store(true, Ordering::Relaxed);
+        }
+        drop(lock(&slot.link).take());
+        self.persist().await;
+        tracing::info!(replica = %id, "replica removed from the volume");
+        Ok(())
+    }
+
+    /// Stops replica `id`'s running rebuild or resync; the replica goes to ERR and waits
+    /// for [`start_rebuild`](Self::start_rebuild).
+    pub fn cancel_rebuild(&self, id: &str) -> Result<(), String> {
+        let i = self
+            .index_of(id)
+            .ok_or_else(|| format!("no replica {id}"))?;
+        let slot = self.slot(i);
+        let h = lock(&slot.heal);
+        if !h.running {
+            return Err(format!("{id} has no rebuild running"));
+        }
+        h.cancel.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Lets an ERR replica be brought back again (after a cancel), at once.
+    pub fn start_rebuild(&self, id: &str) -> Result<(), String> {
+        if !self.cfg.heal.enabled {
+            return Err("healing is off (--no-heal)".into());
+        }
+        let i = self
+            .index_of(id)
+            .ok_or_else(|| format!("no replica {id}"))?;
+        if lock(&self.set).mode(i) != Mode::Err {
+            return Err(format!("{id} is not ERR"));
+        }
+        let slot = self.slot(i);
+        let mut h = lock(&slot.heal);
+        h.auto = true;
+        h.poke();
+        drop(h);
+        self.heal_wake.notify_one();
+        Ok(())
+    }
+
+    /// Changes the rebuild rate limit (bytes per second, 0 for none); applies to running
+    /// jobs from their next chunk.
+    pub fn set_rebuild_rate(&self, bytes_per_sec: u64) {
+        self.rebuild_rate.store(bytes_per_sec, Ordering::Relaxed);
     }
 
     /// Queues `req` on replica `i`'s link (FIFO).
@@ -381,7 +639,7 @@ impl Engine {
         i: usize,
         req: Request,
     ) -> impl std::future::Future<Output = Result<ReplyBody, LinkError>> + Send + 'static {
-        let link = lock(&self.slots[i].link).clone();
+        let link = lock(&self.slot(i).link).clone();
         let fut = link.map(|l| l.submit(req));
         async move {
             match fut {
@@ -401,21 +659,31 @@ impl Engine {
             .unwrap_or(Err(LinkError::Timeout))
     }
 
-    /// Takes replica `i` out of the set, closes its link and persists the membership.
+    /// Takes replica `i` out of the set, closes its link and persists the membership. An
+    /// RW replica's outage log opens in the same step (see [`outage`]).
     async fn fail(&self, i: usize, why: &LinkError) {
         let (changed, was_last) = {
+            let mut o = lock(&self.outages);
             let mut set = lock(&self.set);
             let was_rw = set.mode(i) == Mode::Rw;
             let changed = set.fail(i);
+            if changed && was_rw && self.cfg.heal.enabled {
+                o.open(i);
+            }
             (changed, was_rw && !set.has_rw())
         };
-        self.slots[i].stats.errors.fetch_add(1, Ordering::Relaxed);
-        *lock(&self.slots[i].last_error) = Some(why.to_string());
+        let slot = self.slot(i);
+        slot.stats.errors.fetch_add(1, Ordering::Relaxed);
+        *lock(&slot.last_error) = Some(why.to_string());
         if changed {
-            tracing::error!(replica = %self.slots[i].spec.id, error = %why, "replica failed; now ERR");
-            let link = lock(&self.slots[i].link).take();
+            tracing::error!(replica = %slot.id, error = %why, "replica failed; now ERR");
+            let link = lock(&slot.link).take();
             drop(link);
             self.persist_keeping(was_last.then_some(i)).await;
+            let mut h = lock(&slot.heal);
+            if !h.running {
+                h.poke();
+            }
         }
     }
 
@@ -427,18 +695,22 @@ impl Engine {
     /// one: it is recorded as RW all the same, since it holds every acknowledged write and
     /// a restarted engine must be able to serve from it.
     async fn persist_keeping(&self, last: Option<usize>) {
-        let members: Vec<(String, Mode)> = {
+        let _p = self.persisting.lock().await;
+        let members: Vec<ReplicaRecord> = {
+            let slots = self.slots();
             let set = lock(&self.set);
-            self.slots
+            slots
                 .iter()
                 .enumerate()
-                .map(|(i, s)| {
-                    let mode = if Some(i) == last {
+                .filter(|(_, s)| !s.removed.load(Ordering::Relaxed))
+                .map(|(i, s)| ReplicaRecord {
+                    id: s.id.clone(),
+                    addr: *lock(&s.addr),
+                    mode: if Some(i) == last {
                         Mode::Rw
                     } else {
                         set.mode(i)
-                    };
-                    (s.spec.id.clone(), mode)
+                    },
                 })
                 .collect()
         };
@@ -461,15 +733,29 @@ impl Engine {
 
     /// Sends `req` to every write target and waits for all of them.
     async fn fanout(&self, req: Request) -> Result<(), DevError> {
-        let (mut fan, futs) = {
+        let range = match &req {
+            Request::Write { offset, data, .. } => Some((*offset, data.len() as u64)),
+            Request::WriteZeroes { offset, len, .. } | Request::Trim { offset, len, .. } => {
+                Some((*offset, *len))
+            }
+            _ => None,
+        };
+        let (mut fan, futs, intent) = {
             let _g = self.submit.lock().await;
+            let intent = range.map(|(o, l)| lock(&self.outages).begin(o, l));
             let (targets, modes) = {
                 let set = lock(&self.set);
                 let t = set.write_targets();
                 let m: Vec<(usize, Mode)> = t.iter().map(|&i| (i, set.mode(i))).collect();
                 (t, m)
             };
+            if let Some((o, l)) = range {
+                lock(&self.tracker).touch(o, l);
+            }
             if targets.is_empty() {
+                if let Some(id) = intent {
+                    lock(&self.outages).end(id);
+                }
                 return Err(DevError::Io("no replica is left".into()));
             }
             let futs: Vec<_> = targets
@@ -479,7 +765,7 @@ impl Engine {
                     async move { (i, self.answer(f).await) }
                 })
                 .collect();
-            (Fanout::new(modes), futs)
+            (Fanout::new(modes), futs, intent)
         };
         let results = futures::future::join_all(futs).await;
         let mut first_err = None;
@@ -487,7 +773,7 @@ impl Engine {
         for (i, r) in results {
             match &r {
                 Ok(_) => {
-                    self.slots[i].stats.writes.fetch_add(1, Ordering::Relaxed);
+                    self.slot(i).stats.writes.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => {
                     first_err.get_or_insert_with(|| dev_error(e));
@@ -495,6 +781,10 @@ impl Engine {
                 }
             }
             outcome = fan.complete(i, r.is_ok()).or(outcome);
+        }
+        if let Some(id) = intent {
+            lock(&self.outages).end(id);
+            self.unflushed.fetch_add(1, Ordering::Relaxed);
         }
         match outcome {
             Some(Outcome::Done) => Ok(()),
@@ -554,12 +844,22 @@ impl Engine {
             match self.answer(f).await {
                 Ok(_) => {
                     self.read_repairs.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(replica = %self.slots[i].spec.id, offset, len, "read repair");
+                    tracing::warn!(replica = %self.slot(i).id, offset, len, "read repair");
                 }
                 Err(e) => self.fail(i, &e).await,
             }
         }
     }
+}
+
+/// Same rule as the replica server's names: 1-128 of `[A-Za-z0-9._-]`, no leading dot.
+fn id_is_valid(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 impl BlockDevice for Engine {
@@ -584,7 +884,7 @@ impl BlockDevice for Engine {
                     if data.len() == len as usize
                         && cairn_wire::first_bad_block(&data, &crcs).is_none() =>
                 {
-                    self.slots[i].stats.reads.fetch_add(1, Ordering::Relaxed);
+                    self.slot(i).stats.reads.fetch_add(1, Ordering::Relaxed);
                     if !corrupt.is_empty() {
                         self.repair(offset, len, i, &corrupt).await;
                     }
@@ -592,15 +892,15 @@ impl BlockDevice for Engine {
                 }
                 Ok(_) => {
                     // Damaged on the wire or a bad reply: never returned.
-                    self.slots[i]
+                    self.slot(i)
                         .stats
                         .corrupt_reads
                         .fetch_add(1, Ordering::Relaxed);
                     corrupt.push(i);
                 }
                 Err(LinkError::Remote(e)) if e.kind == ErrorKind::Corruption => {
-                    tracing::warn!(replica = %self.slots[i].spec.id, offset = e.detail, "replica reports a corrupt block");
-                    self.slots[i]
+                    tracing::warn!(replica = %self.slot(i).id, offset = e.detail, "replica reports a corrupt block");
+                    self.slot(i)
                         .stats
                         .corrupt_reads
                         .fetch_add(1, Ordering::Relaxed);
@@ -661,5 +961,25 @@ impl BlockDevice for Engine {
             at += n;
         }
         Ok(out)
+    }
+}
+
+/// The epoch replica `replica_id` of `volume` at `addr` has accepted (0 when it does not
+/// exist yet), asked without attaching: a Hello at epoch 0 that a used replica refuses.
+/// An engine that shares replicas with others starts above the highest of these.
+pub async fn probe_epoch(
+    addr: SocketAddr,
+    volume: &str,
+    replica_id: &str,
+    timeout: Duration,
+) -> Result<u64, LinkError> {
+    let attached = tokio::time::timeout(timeout, Link::connect(addr, volume, replica_id, 0, 0))
+        .await
+        .unwrap_or(Err(LinkError::Timeout));
+    match attached {
+        Ok((_, status)) => Ok(status.epoch),
+        Err(LinkError::Remote(e)) if e.kind == ErrorKind::StaleEpoch => Ok(e.detail),
+        Err(LinkError::Remote(e)) if e.kind == ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
     }
 }

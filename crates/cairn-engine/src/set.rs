@@ -85,6 +85,17 @@ impl ReplicaSet {
         rw[start..].iter().chain(&rw[..start]).copied().collect()
     }
 
+    /// Sets replica `i`'s mode (rebuild: ERR to WO, WO to RW).
+    pub fn set_mode(&mut self, i: usize, mode: Mode) {
+        self.modes[i] = mode;
+    }
+
+    /// Appends a replica in `mode`; returns its index.
+    pub fn add(&mut self, mode: Mode) -> usize {
+        self.modes.push(mode);
+        self.modes.len() - 1
+    }
+
     /// Takes replica `i` out of the set. Returns true when this changed its mode (the
     /// caller must persist the new membership before acknowledging anything `i` missed).
     pub fn fail(&mut self, i: usize) -> bool {

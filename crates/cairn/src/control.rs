@@ -1,7 +1,8 @@
 //! The local control endpoint of `cairn dev`: newline-delimited JSON over TCP on loopback.
 //!
-//! Request: one line `{"op":"status"|"verify","volume":"vol0"}`. Reply: one line, either
-//! `{"ok":...}` or `{"error":"..."}`. The `cairn volume` commands are its only clients; the
+//! Request: one line such as `{"op":"status","volume":"vol0"}` (ops: status, verify,
+//! replica_add, replica_remove, rebuild_cancel, rebuild_start, rebuild_rate). Reply: one
+//! line, `{"status":...}`, `{"verify":[...]}`, `{"done":"..."}` or `{"error":"..."}`. The `cairn volume` commands are its only clients; the
 //! Raft metadata service replaces it in a later issue.
 
 use std::net::SocketAddr;
@@ -15,10 +16,49 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 pub const DEFAULT_ENDPOINT: &str = "127.0.0.1:10810";
 
 #[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "lowercase")]
+#[serde(tag = "op", rename_all = "snake_case")]
 pub enum ControlRequest {
-    Status { volume: String },
-    Verify { volume: String },
+    Status {
+        volume: String,
+    },
+    Verify {
+        volume: String,
+    },
+    ReplicaAdd {
+        volume: String,
+        address: SocketAddr,
+        id: Option<String>,
+    },
+    ReplicaRemove {
+        volume: String,
+        replica: String,
+    },
+    RebuildCancel {
+        volume: String,
+        replica: String,
+    },
+    RebuildStart {
+        volume: String,
+        replica: String,
+    },
+    RebuildRate {
+        volume: String,
+        bytes_per_sec: u64,
+    },
+}
+
+impl ControlRequest {
+    fn volume(&self) -> &str {
+        match self {
+            ControlRequest::Status { volume }
+            | ControlRequest::Verify { volume }
+            | ControlRequest::ReplicaAdd { volume, .. }
+            | ControlRequest::ReplicaRemove { volume, .. }
+            | ControlRequest::RebuildCancel { volume, .. }
+            | ControlRequest::RebuildStart { volume, .. }
+            | ControlRequest::RebuildRate { volume, .. } => volume,
+        }
+    }
 }
 
 /// One replica's digest as `verify` reports it.
@@ -35,6 +75,8 @@ pub struct ReplicaDigest {
 pub enum ControlReply {
     Status(serde_json::Value),
     Verify(Vec<ReplicaDigest>),
+    /// A change was made; what it was.
+    Done(String),
     Error(String),
 }
 
@@ -66,9 +108,7 @@ pub async fn serve(listener: tokio::net::TcpListener, volume: String, engine: Ar
 }
 
 async fn handle(req: ControlRequest, volume: &str, engine: &Engine) -> ControlReply {
-    let asked = match &req {
-        ControlRequest::Status { volume } | ControlRequest::Verify { volume } => volume,
-    };
+    let asked = req.volume();
     if asked != volume {
         return ControlReply::Error(format!("no volume {asked:?} here (this is {volume:?})"));
     }
@@ -98,6 +138,35 @@ async fn handle(req: ControlRequest, volume: &str, engine: &Engine) -> ControlRe
                 })
                 .collect(),
         ),
+        ControlRequest::ReplicaAdd { address, id, .. } => {
+            match engine.add_replica(id, address).await {
+                Ok(id) => ControlReply::Done(id),
+                Err(e) => ControlReply::Error(e),
+            }
+        }
+        ControlRequest::ReplicaRemove { replica, .. } => done(
+            engine.remove_replica(&replica).await,
+            format!("removed {replica}"),
+        ),
+        ControlRequest::RebuildCancel { replica, .. } => done(
+            engine.cancel_rebuild(&replica),
+            format!("cancelling the rebuild of {replica}"),
+        ),
+        ControlRequest::RebuildStart { replica, .. } => done(
+            engine.start_rebuild(&replica),
+            format!("rebuild of {replica} requested"),
+        ),
+        ControlRequest::RebuildRate { bytes_per_sec, .. } => {
+            engine.set_rebuild_rate(bytes_per_sec);
+            ControlReply::Done(format!("rebuild rate {bytes_per_sec} B/s"))
+        }
+    }
+}
+
+fn done(r: Result<(), String>, what: String) -> ControlReply {
+    match r {
+        Ok(()) => ControlReply::Done(what),
+        Err(e) => ControlReply::Error(e),
     }
 }
 
@@ -144,6 +213,30 @@ pub struct ReplicaView {
     pub errors: u64,
     pub corrupt_reads: u64,
     pub last_error: Option<String>,
+    #[serde(default)]
+    pub last_resync_bytes: u64,
+    #[serde(default)]
+    pub rebuild: Option<JobView>,
+    #[serde(default = "yes")]
+    pub auto_heal: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A rebuild or resync job as the CLI prints it.
+#[derive(Debug, Deserialize)]
+pub struct JobView {
+    pub kind: String,
+    pub state: String,
+    pub phase: String,
+    pub source: String,
+    pub bytes_total: u64,
+    pub bytes_done: u64,
+    pub bytes_copied: u64,
+    pub rate_bytes_per_sec: u64,
+    pub error: Option<String>,
 }
 
 // Keep the view in step with the engine's type at compile time.

@@ -1,13 +1,16 @@
 //! `cairn dev`: a whole replicated volume on this machine, in the foreground.
 //!
 //! Layout under `--data-dir`:
-//! - `volume.json`: the volume's size, the last engine epoch and each replica's mode,
-//!   replaced atomically; the epoch is raised before every engine start, and a replica that
-//!   failed stays `ERR` across restarts (it may have missed writes);
+//! - `volume.json`: the volume's size, the last engine epoch and each replica's mode (and
+//!   address, for replicas served elsewhere), replaced atomically; the epoch is raised
+//!   before every engine start, and a replica that failed stays `ERR` across restarts until
+//!   it is rebuilt (it may have missed writes);
 //! - `replicas/rN/`: replica N's server directory; `replicas/rN.pid` its process id.
 //!
 //! Each replica server runs as its own child process (killed with us, PR_SET_PDEATHSIG);
-//! the engine, the NBD server and the control endpoint run in this process.
+//! the engine, the NBD server and the control endpoint run in this process. A replica
+//! process that dies is started again with a backoff (1 s doubling to 30 s), and the engine
+//! resyncs or rebuilds it (unless `--no-heal`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use cairn_engine::{Engine, EngineConfig, Mode, ReplicaSpec};
+use cairn_engine::{Engine, EngineConfig, HealConfig, Mode, ReplicaSpec};
 use cairn_io::EngineChoice;
 use clap::Args;
 use serde::{Deserialize, Serialize};
@@ -24,7 +27,7 @@ use tokio::process::{Child, Command};
 
 use crate::control;
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct DevArgs {
     /// Directory holding everything: the volume state and every replica's data.
     #[arg(long, default_value = "./cairn-data")]
@@ -57,6 +60,25 @@ pub struct DevArgs {
     /// Worker threads of the runtime that runs the engine and the NBD server.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     threads: u16,
+    /// Comma-separated addresses of replica servers started elsewhere (`cairn replica
+    /// serve`), used instead of starting replica processes when the volume is created.
+    #[arg(long, value_delimiter = ',')]
+    replica_addrs: Vec<SocketAddr>,
+    /// A replica back within this time after it failed is resynced from the regions
+    /// written meanwhile; a later one is rebuilt in full.
+    #[arg(long, default_value = "10m")]
+    resync_window: humantime::Duration,
+    /// Most bytes per second a rebuild or resync copies (e.g. 50MiB); 0 for no limit.
+    #[arg(long, default_value = "0")]
+    rebuild_rate: bytesize::ByteSize,
+    /// How often the engine flushes the replicas while writes come in, which bounds what a
+    /// restart after an engine crash has to compare; 0s to never flush unasked.
+    #[arg(long, default_value = "2s")]
+    flush_interval: humantime::Duration,
+    /// Do not restart dead replica processes, do not rebuild or resync ERR replicas (they
+    /// stay out of the volume, as when debugging a failure).
+    #[arg(long)]
+    no_heal: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -71,6 +93,9 @@ struct DevState {
 struct DevReplica {
     id: String,
     mode: Mode,
+    /// Served elsewhere at this address; `None`: a replica process this command starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    address: Option<SocketAddr>,
 }
 
 const STATE_FILE: &str = "volume.json";
@@ -109,16 +134,30 @@ fn load_or_create_state(args: &DevArgs) -> anyhow::Result<DevState> {
     if size == 0 || !size.is_multiple_of(4096) {
         anyhow::bail!("--size must be a non-zero multiple of 4096 bytes");
     }
+    let replicas = if args.replica_addrs.is_empty() {
+        (1..=args.replicas)
+            .map(|i| DevReplica {
+                id: format!("r{i}"),
+                mode: Mode::Rw,
+                address: None,
+            })
+            .collect()
+    } else {
+        args.replica_addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| DevReplica {
+                id: format!("r{}", i + 1),
+                mode: Mode::Rw,
+                address: Some(*a),
+            })
+            .collect()
+    };
     Ok(DevState {
         volume: args.volume.clone(),
         size,
         epoch: 0,
-        replicas: (1..=args.replicas)
-            .map(|i| DevReplica {
-                id: format!("r{i}"),
-                mode: Mode::Rw,
-            })
-            .collect(),
+        replicas,
     })
 }
 
@@ -196,19 +235,28 @@ async fn run_async(args: DevArgs) -> anyhow::Result<std::process::ExitCode> {
         )
     })?;
     let mut state = load_or_create_state(&args)?;
-    state.epoch += 1;
-    save_state(&args.data_dir, &state)?;
+    let heal = !args.no_heal;
 
-    let mut children = Vec::new();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut supervisors = Vec::new();
     let mut specs = Vec::new();
+    let mut managed = Vec::new();
     for (i, r) in state.replicas.iter().enumerate() {
+        if let Some(addr) = r.address {
+            specs.push(ReplicaSpec {
+                id: r.id.clone(),
+                addr,
+                mode: r.mode,
+            });
+            continue;
+        }
         let ip = *args
             .replica_ips
             .get(i)
             .or(args.replica_ips.first())
             .context("--replica-ips is empty")?;
-        if r.mode == Mode::Err {
-            tracing::warn!(replica = %r.id, "replica is ERR (it may have missed writes); not started");
+        if r.mode == Mode::Err && !heal {
+            tracing::warn!(replica = %r.id, "replica is ERR (it may have missed writes); not started (--no-heal)");
             specs.push(ReplicaSpec {
                 id: r.id.clone(),
                 addr: SocketAddr::new(ip, 0),
@@ -217,13 +265,28 @@ async fn run_async(args: DevArgs) -> anyhow::Result<std::process::ExitCode> {
             continue;
         }
         let (child, addr) = spawn_replica(&args, &r.id, ip).await?;
-        children.push((r.id.clone(), child));
+        managed.push((r.id.clone(), ip, child));
         specs.push(ReplicaSpec {
             id: r.id.clone(),
             addr,
             mode: r.mode,
         });
     }
+
+    // Start above every epoch a replica has accepted: replicas served elsewhere may have
+    // seen an engine this directory does not know of.
+    let mut epoch = state.epoch;
+    for s in &specs {
+        if s.mode == Mode::Err {
+            continue;
+        }
+        match cairn_engine::probe_epoch(s.addr, &state.volume, &s.id, *args.io_timeout).await {
+            Ok(e) => epoch = epoch.max(e),
+            Err(e) => tracing::warn!(replica = %s.id, error = %e, "cannot ask the replica's epoch"),
+        }
+    }
+    state.epoch = epoch + 1;
+    save_state(&args.data_dir, &state)?;
 
     let hook_dir = args.data_dir.clone();
     let hook_state = std::sync::Mutex::new(state.clone());
@@ -235,15 +298,40 @@ async fn run_async(args: DevArgs) -> anyhow::Result<std::process::ExitCode> {
         io_timeout: *args.io_timeout,
         on_change: Arc::new(move |members| {
             let mut s = hook_state.lock().unwrap_or_else(|p| p.into_inner());
-            for (id, mode) in members {
-                if let Some(r) = s.replicas.iter_mut().find(|r| r.id == id) {
-                    r.mode = mode;
-                }
-            }
+            let old = std::mem::take(&mut s.replicas);
+            s.replicas = members
+                .into_iter()
+                .map(|m| {
+                    let managed = old.iter().any(|r| r.id == m.id && r.address.is_none());
+                    DevReplica {
+                        id: m.id,
+                        mode: m.mode,
+                        address: (!managed).then_some(m.addr),
+                    }
+                })
+                .collect();
             save_state(&hook_dir, &s)
         }),
+        heal: HealConfig {
+            enabled: heal,
+            resync_window: *args.resync_window,
+            rebuild_rate: args.rebuild_rate.as_u64(),
+            flush_interval: (!args.flush_interval.is_zero()).then_some(*args.flush_interval),
+        },
     })
     .await;
+
+    for (id, ip, child) in managed {
+        supervisors.push(tokio::spawn(supervise(
+            args.clone(),
+            id,
+            ip,
+            child,
+            engine.clone(),
+            heal,
+            stop_rx.clone(),
+        )));
+    }
 
     let mut nbd = cairn_nbd::NbdServer::new();
     nbd.add_export(&state.volume, "Cairn replicated volume", engine.clone());
@@ -283,18 +371,83 @@ async fn run_async(args: DevArgs) -> anyhow::Result<std::process::ExitCode> {
     if let Err(e) = tokio::time::timeout(*args.io_timeout, engine.flush()).await {
         tracing::warn!(error = %e, "final flush timed out");
     }
-    for (id, mut child) in children {
-        if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
-            // SAFETY: kill(2) on our own child's pid; no memory is involved.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
-        match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
-            Ok(_) => tracing::info!(replica = %id, "replica server stopped"),
-            Err(_) => {
-                let _ = child.kill().await;
-            }
-        }
-        let _ = std::fs::remove_file(args.data_dir.join("replicas").join(format!("{id}.pid")));
+    let _ = stop_tx.send(true);
+    for s in supervisors {
+        let _ = s.await;
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Owns one replica process: when it dies, starts it again after a backoff (1 s, doubling
+/// to 30 s; back to 1 s once it ran for a minute) and gives the engine its new address.
+/// Stops it (SIGTERM, then SIGKILL after 10 s) when `stop` turns true.
+async fn supervise(
+    args: DevArgs,
+    id: String,
+    ip: std::net::IpAddr,
+    child: Child,
+    engine: Arc<Engine>,
+    restart: bool,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let pid_file = args.data_dir.join("replicas").join(format!("{id}.pid"));
+    let mut child = Some(child);
+    let mut spawned = std::time::Instant::now();
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        if let Some(c) = child.as_mut() {
+            tokio::select! {
+                status = c.wait() => {
+                    tracing::error!(replica = %id, ?status, "replica server exited");
+                    if spawned.elapsed() > Duration::from_secs(60) {
+                        backoff = Duration::from_secs(1);
+                    }
+                }
+                () = stopped(&mut stop) => {
+                    terminate(&id, c).await;
+                    break;
+                }
+            }
+            child = None;
+            if !restart {
+                stopped(&mut stop).await;
+                break;
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = stopped(&mut stop) => break,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+        match spawn_replica(&args, &id, ip).await {
+            Ok((c, addr)) => {
+                child = Some(c);
+                spawned = std::time::Instant::now();
+                engine.set_replica_addr(&id, addr);
+            }
+            Err(e) => {
+                tracing::error!(replica = %id, error = %e, "cannot restart the replica server")
+            }
+        }
+    }
+    let _ = std::fs::remove_file(pid_file);
+}
+
+/// Returns once `stop` turns true (or its sender is gone).
+async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await.map(|_| ());
+}
+
+/// SIGTERM, then SIGKILL if the process is still there after 10 s.
+async fn terminate(id: &str, child: &mut Child) {
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+        Ok(_) => tracing::info!(replica = %id, "replica server stopped"),
+        Err(_) => {
+            let _ = child.kill().await;
+        }
+    }
 }

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Subcommand;
 
 use crate::control::{self, ControlReply, ControlRequest, DEFAULT_ENDPOINT};
@@ -31,6 +32,170 @@ pub enum VolumeCommand {
         #[arg(long, default_value = DEFAULT_ENDPOINT)]
         endpoint: SocketAddr,
     },
+    /// Add or remove replicas of a running volume.
+    #[command(subcommand)]
+    Replica(ReplicaCommand),
+    /// Follow, cancel, restart or pace rebuilds and resyncs.
+    #[command(subcommand)]
+    Rebuild(RebuildCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReplicaCommand {
+    /// Add the replica server at ADDR to the volume: it is rebuilt from an RW replica while
+    /// the volume serves, then turns RW. Prints the new replica's id.
+    Add {
+        /// Volume name.
+        volume: String,
+        /// Address of a running `cairn replica serve`.
+        #[arg(long)]
+        address: SocketAddr,
+        /// Id of the new replica (default: the next free rN).
+        #[arg(long)]
+        id: Option<String>,
+        /// Wait (showing progress) until the replica is RW.
+        #[arg(long)]
+        wait: bool,
+        /// Control endpoint of the running `cairn dev`.
+        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        endpoint: SocketAddr,
+    },
+    /// Take a replica out of the volume (its data stays on its server). The last RW replica
+    /// cannot be removed.
+    Remove {
+        /// Volume name.
+        volume: String,
+        /// Replica id.
+        replica: String,
+        /// Control endpoint of the running `cairn dev`.
+        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        endpoint: SocketAddr,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RebuildCommand {
+    /// Show a replica's rebuild progress until it is RW; exit 1 if its rebuild is
+    /// cancelled or the time runs out.
+    Wait {
+        /// Volume name.
+        volume: String,
+        /// Replica id.
+        replica: String,
+        /// Give up after this long.
+        #[arg(long, default_value = "1h")]
+        timeout: humantime::Duration,
+        /// Control endpoint of the running `cairn dev`.
+        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        endpoint: SocketAddr,
+    },
+    /// Stop a running rebuild or resync; the replica goes to ERR and waits for `start`.
+    Cancel {
+        /// Volume name.
+        volume: String,
+        /// Replica id.
+        replica: String,
+        /// Control endpoint of the running `cairn dev`.
+        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        endpoint: SocketAddr,
+    },
+    /// Bring an ERR replica back now (after a cancel, or to skip the retry backoff).
+    Start {
+        /// Volume name.
+        volume: String,
+        /// Replica id.
+        replica: String,
+        /// Control endpoint of the running `cairn dev`.
+        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        endpoint: SocketAddr,
+    },
+    /// Limit the bytes per second rebuilds copy (e.g. 20MiB; 0 for no limit).
+    Rate {
+        /// Volume name.
+        volume: String,
+        /// Bytes per second.
+        rate: bytesize::ByteSize,
+        /// Control endpoint of the running `cairn dev`.
+        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        endpoint: SocketAddr,
+    },
+}
+
+/// Sends a request that changes something; prints what was done.
+fn change(endpoint: SocketAddr, req: &ControlRequest) -> anyhow::Result<String> {
+    match control::call(endpoint, req)? {
+        ControlReply::Done(what) => Ok(what),
+        ControlReply::Error(e) => anyhow::bail!(e),
+        other => anyhow::bail!("unexpected reply {other:?}"),
+    }
+}
+
+fn status_of(endpoint: SocketAddr, volume: &str) -> anyhow::Result<control::VolumeStatusView> {
+    match control::call(
+        endpoint,
+        &ControlRequest::Status {
+            volume: volume.to_owned(),
+        },
+    )? {
+        ControlReply::Status(v) => control::parse_status(v),
+        ControlReply::Error(e) => anyhow::bail!(e),
+        other => anyhow::bail!("unexpected reply {other:?}"),
+    }
+}
+
+/// Polls the status until `replica` is RW, drawing its job's progress.
+fn wait_rw(
+    endpoint: SocketAddr,
+    volume: &str,
+    replica: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<ExitCode> {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}",
+        )?
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(replica.to_owned());
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let s = status_of(endpoint, volume)?;
+        let r = s
+            .replicas
+            .iter()
+            .find(|r| r.id == replica)
+            .with_context(|| format!("no replica {replica} in {volume}"))?;
+        if let Some(j) = &r.rebuild {
+            bar.set_length(j.bytes_total);
+            bar.set_position(j.bytes_done);
+            bar.set_message(format!("{} {} from {}", j.kind, j.phase, j.source));
+        }
+        if r.mode == "RW" {
+            bar.finish_with_message("RW");
+            println!(
+                "{replica} is RW; last rebuild/resync copied {} bytes",
+                r.last_resync_bytes
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        if !r.auto_heal {
+            bar.abandon_with_message("cancelled");
+            println!("{replica} is {}: its rebuild was cancelled", r.mode);
+            return Ok(ExitCode::from(1));
+        }
+        if std::time::Instant::now() > deadline {
+            bar.abandon_with_message("timed out");
+            let err = r.rebuild.as_ref().and_then(|j| j.error.clone());
+            println!(
+                "{replica} is still {} ({})",
+                r.mode,
+                err.unwrap_or_default()
+            );
+            return Ok(ExitCode::from(1));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }
 
 pub fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
@@ -55,12 +220,19 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                     s.read_repairs
                 );
                 println!(
-                    "{:<8} {:<22} {:<4} {:>10} {:>10} {:>7} {:>8}  last error",
-                    "replica", "address", "mode", "reads", "writes", "errors", "corrupt"
+                    "{:<8} {:<22} {:<4} {:>10} {:>10} {:>7} {:>8} {:>12}  last error",
+                    "replica",
+                    "address",
+                    "mode",
+                    "reads",
+                    "writes",
+                    "errors",
+                    "corrupt",
+                    "last resync"
                 );
                 for r in s.replicas {
                     println!(
-                        "{:<8} {:<22} {:<4} {:>10} {:>10} {:>7} {:>8}  {}",
+                        "{:<8} {:<22} {:<4} {:>10} {:>10} {:>7} {:>8} {:>12}  {}",
                         r.id,
                         r.addr,
                         r.mode,
@@ -68,8 +240,29 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                         r.writes,
                         r.errors,
                         r.corrupt_reads,
+                        bytesize::ByteSize::b(r.last_resync_bytes).to_string_as(true),
                         r.last_error.unwrap_or_default()
                     );
+                    if let Some(j) = r.rebuild {
+                        #[allow(clippy::cast_precision_loss)]
+                        let pct = if j.bytes_total > 0 {
+                            100.0 * j.bytes_done as f64 / j.bytes_total as f64
+                        } else {
+                            0.0
+                        };
+                        println!(
+                            "         {} {} ({}) from {}: {:.1}% of {}, {} copied, {}/s{}",
+                            j.kind,
+                            j.state,
+                            j.phase,
+                            j.source,
+                            pct,
+                            bytesize::ByteSize::b(j.bytes_total).to_string_as(true),
+                            bytesize::ByteSize::b(j.bytes_copied).to_string_as(true),
+                            bytesize::ByteSize::b(j.rate_bytes_per_sec).to_string_as(true),
+                            j.error.map(|e| format!(": {e}")).unwrap_or_default()
+                        );
+                    }
                 }
                 Ok(ExitCode::SUCCESS)
             }
@@ -104,6 +297,70 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                 ControlReply::Error(e) => anyhow::bail!(e),
                 other => anyhow::bail!("unexpected reply {other:?}"),
             }
+        }
+        VolumeCommand::Replica(ReplicaCommand::Add {
+            volume,
+            address,
+            id,
+            wait,
+            endpoint,
+        }) => {
+            let req = ControlRequest::ReplicaAdd {
+                volume: volume.clone(),
+                address,
+                id,
+            };
+            let id = change(endpoint, &req)?;
+            println!("{id}");
+            if wait {
+                return wait_rw(endpoint, &volume, &id, std::time::Duration::from_secs(3600));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        VolumeCommand::Replica(ReplicaCommand::Remove {
+            volume,
+            replica,
+            endpoint,
+        }) => {
+            let what = change(endpoint, &ControlRequest::ReplicaRemove { volume, replica })?;
+            println!("{what}");
+            Ok(ExitCode::SUCCESS)
+        }
+        VolumeCommand::Rebuild(RebuildCommand::Wait {
+            volume,
+            replica,
+            timeout,
+            endpoint,
+        }) => wait_rw(endpoint, &volume, &replica, *timeout),
+        VolumeCommand::Rebuild(RebuildCommand::Cancel {
+            volume,
+            replica,
+            endpoint,
+        }) => {
+            let what = change(endpoint, &ControlRequest::RebuildCancel { volume, replica })?;
+            println!("{what}");
+            Ok(ExitCode::SUCCESS)
+        }
+        VolumeCommand::Rebuild(RebuildCommand::Start {
+            volume,
+            replica,
+            endpoint,
+        }) => {
+            let what = change(endpoint, &ControlRequest::RebuildStart { volume, replica })?;
+            println!("{what}");
+            Ok(ExitCode::SUCCESS)
+        }
+        VolumeCommand::Rebuild(RebuildCommand::Rate {
+            volume,
+            rate,
+            endpoint,
+        }) => {
+            let req = ControlRequest::RebuildRate {
+                volume,
+                bytes_per_sec: rate.as_u64(),
+            };
+            println!("{}", change(endpoint, &req)?);
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -333,31 +333,99 @@ pub struct Dev {
     pub dir: PathBuf,
     log: PathBuf,
     stopped: bool,
+    /// Its control endpoint.
+    pub control: String,
+    /// Its export.
+    pub uri: String,
+}
+
+/// How a test's `cairn dev` runs: healing on unless [`no_heal`](Self::no_heal), the default
+/// ports, 256 MiB.
+#[derive(Debug, Clone)]
+pub struct DevOpts {
+    io_timeout: String,
+    size: Option<String>,
+    nbd: String,
+    control: String,
+    extra: Vec<String>,
+}
+
+impl DevOpts {
+    pub fn new(io_timeout: &str) -> DevOpts {
+        DevOpts {
+            io_timeout: io_timeout.to_owned(),
+            size: None,
+            nbd: NBD_ADDR.to_owned(),
+            control: CONTROL_ADDR.to_owned(),
+            extra: Vec::new(),
+        }
+    }
+
+    /// `--no-heal`: failed replicas stay out.
+    pub fn no_heal(mut self) -> DevOpts {
+        self.extra.push("--no-heal".into());
+        self
+    }
+
+    /// Volume size when the directory is new, e.g. `1GiB`.
+    pub fn size(mut self, size: &str) -> DevOpts {
+        self.size = Some(size.to_owned());
+        self
+    }
+
+    /// Other NBD and control addresses (a second `cairn dev` in the namespace).
+    pub fn ports(mut self, nbd: &str, control: &str) -> DevOpts {
+        nbd.clone_into(&mut self.nbd);
+        control.clone_into(&mut self.control);
+        self
+    }
+
+    /// More `cairn dev` arguments.
+    pub fn arg(mut self, a: &str) -> DevOpts {
+        self.extra.push(a.to_owned());
+        self
+    }
+
+    pub fn start(&self, dir: &Path) -> Dev {
+        Dev::spawn(dir, self)
+    }
 }
 
 impl Dev {
     /// Starts `cairn dev` with 3 replicas on 127.0.0.2-4, a 256 MiB volume (when the directory
-    /// is new) and `--io-timeout io_timeout`; returns once it printed the export's URI.
-    /// Its log (stderr) is appended to `DIR.log`.
+    /// is new), `--io-timeout io_timeout` and `--no-heal` (a failed replica stays out);
+    /// returns once it printed the export's URI. Its log (stderr) is appended to `DIR.log`.
     pub fn start(dir: &Path, io_timeout: &str) -> Dev {
+        DevOpts::new(io_timeout).no_heal().start(dir)
+    }
+
+    fn spawn(dir: &Path, opts: &DevOpts) -> Dev {
         let log = log_path(dir);
         let log_file = File::options()
             .create(true)
             .append(true)
             .open(&log)
             .expect("open cairn dev log");
+        let size = opts.size.clone().unwrap_or_else(|| "256MiB".to_owned());
         let mut child = Command::new(cairn_bin())
             .arg("dev")
             .arg("--data-dir")
             .arg(dir)
-            .args(["--replicas", "3", "--size", "256MiB"])
-            .args(["--nbd-listen", NBD_ADDR, "--control-listen", CONTROL_ADDR])
-            .args(["--io-timeout", io_timeout, "--replica-ips", REPLICA_IPS])
+            .args(["--replicas", "3", "--size", &size])
+            .args(["--nbd-listen", &opts.nbd, "--control-listen", &opts.control])
+            .args([
+                "--io-timeout",
+                &opts.io_timeout,
+                "--replica-ips",
+                REPLICA_IPS,
+            ])
+            .args(&opts.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log_file)
             .spawn()
             .expect("spawn cairn dev");
+        let uri = format!("nbd://{}/vol0", opts.nbd);
         let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -366,19 +434,21 @@ impl Dev {
             let _ = tx.send((n, line, stdout));
         });
         match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok((Ok(n), line, stdout)) if n > 0 && line.trim() == NBD_URI => Dev {
+            Ok((Ok(n), line, stdout)) if n > 0 && line.trim() == uri => Dev {
                 child,
                 _stdout: stdout,
                 dir: dir.to_owned(),
                 log,
                 stopped: false,
+                control: opts.control.clone(),
+                uri,
             },
             other => {
                 let _ = child.kill();
                 let _ = child.wait();
                 let first = other.map(|(_, line, _)| line);
                 panic!(
-                    "cairn dev did not print {NBD_URI} (first stdout line {first:?}); log:\n{}",
+                    "cairn dev did not print {uri} (first stdout line {first:?}); log:\n{}",
                     std::fs::read_to_string(&log).unwrap_or_default()
                 );
             }
@@ -445,7 +515,7 @@ impl Dev {
                 "vol0",
                 "--json",
                 "--endpoint",
-                CONTROL_ADDR,
+                &self.control,
             ],
         );
         serde_json::from_str(&r.stdout)
@@ -460,7 +530,7 @@ impl Dev {
                 "verify",
                 "vol0",
                 "--endpoint",
-                CONTROL_ADDR,
+                &self.control,
             ]),
             Duration::from_secs(120),
         );
