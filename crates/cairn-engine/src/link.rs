@@ -179,6 +179,7 @@ impl Link {
                 volume: volume.to_owned(),
                 replica_id: replica_id.to_owned(),
                 create_size: size,
+                takeover: false,
             })
             .await
         {

@@ -130,17 +130,40 @@ impl Client {
         reply.result.map_err(ClientError::Remote)
     }
 
-    /// Attaches to (or creates, when `create_size > 0`) a replica.
+    /// Attaches to (or creates, when `create_size > 0`) a replica, alongside any other
+    /// connection attached to it.
     pub fn hello(
         &mut self,
         volume: &str,
         replica_id: &str,
         create_size: u64,
     ) -> Result<StatusBody, ClientError> {
+        self.attach(volume, replica_id, create_size, false)
+    }
+
+    /// Like [`hello`](Self::hello), but takes the replica over: once the replica answers,
+    /// every other connection attached to it is refused (StaleEpoch), even at this epoch.
+    pub fn hello_takeover(
+        &mut self,
+        volume: &str,
+        replica_id: &str,
+        create_size: u64,
+    ) -> Result<StatusBody, ClientError> {
+        self.attach(volume, replica_id, create_size, true)
+    }
+
+    fn attach(
+        &mut self,
+        volume: &str,
+        replica_id: &str,
+        create_size: u64,
+        takeover: bool,
+    ) -> Result<StatusBody, ClientError> {
         match self.call(&Request::Hello {
             volume: volume.to_owned(),
             replica_id: replica_id.to_owned(),
             create_size,
+            takeover,
         })? {
             ReplyBody::Status(s) => Ok(s),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),

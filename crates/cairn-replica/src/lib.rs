@@ -10,6 +10,10 @@
 //! - Epoch fencing: a Hello with an epoch below the replica's persisted epoch is refused, and
 //!   so is every later frame of a connection whose epoch has since been overtaken; a fenced
 //!   frame is never applied.
+//! - Takeover: once a Hello with the takeover flag is accepted, every frame of every other
+//!   connection attached to the same replica before it is refused (StaleEpoch), even at the
+//!   same epoch; the check and the frame's application happen under one hold of the
+//!   replica's lock, so no frame of a superseded connection is applied after the takeover.
 //! - A bad frame (magic, CRC, length...) closes only its connection, with a logged reason.
 //!   A store error (no space, out of range, corruption...) is answered as that error kind and
 //!   the server goes on serving.
@@ -78,7 +82,16 @@ pub struct Server {
 }
 
 /// A replica shared by the connections attached to it.
-pub(crate) type SharedStore = Arc<Mutex<Store>>;
+pub(crate) type SharedStore = Arc<Mutex<Replica>>;
+
+/// One open replica: its store, and which attachments may still use it.
+pub(crate) struct Replica {
+    pub(crate) store: Store,
+    /// Bumped by every accepted takeover Hello. A connection remembers the generation it
+    /// attached at, and may apply frames only while it is still the current one. Lives in
+    /// memory only: after a restart there are no connections left to supersede.
+    pub(crate) generation: u64,
+}
 
 /// The replicas this server has open, by (volume, replica id).
 pub(crate) struct Registry {
@@ -118,7 +131,10 @@ impl Registry {
         };
         let mut store = store;
         store.set_checksums(self.checksums);
-        let store = Arc::new(Mutex::new(store));
+        let store = Arc::new(Mutex::new(Replica {
+            store,
+            generation: 0,
+        }));
         map.insert(key, store.clone());
         Ok(store)
     }
@@ -160,7 +176,8 @@ impl Server {
                     path: registry.path(&volume, &replica_id),
                     source,
                 })?;
-            let s = s.lock().unwrap_or_else(|p| p.into_inner());
+            let r = s.lock().unwrap_or_else(|p| p.into_inner());
+            let s = &r.store;
             tracing::info!(
                 volume,
                 replica_id,

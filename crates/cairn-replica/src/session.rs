@@ -3,11 +3,17 @@
 //!
 //! Runs of consecutive Write frames go to the store as one batch (the store keeps their
 //! order where they overlap); everything else is applied one frame at a time. Every frame
-//! but Hello and Ping needs a Hello first and the connection's epoch still current; a
-//! StaleEpoch refusal carries the replica's accepted epoch as its detail. Each frame
-//! gets exactly one reply, appended to `out` in arrival order.
+//! but Hello and Ping needs a Hello first, the connection's epoch still current and the
+//! connection not superseded by a takeover Hello of the same replica; a StaleEpoch refusal
+//! carries the replica's accepted epoch as its detail. Each frame gets exactly one reply,
+//! appended to `out` in arrival order.
+//!
+//! Fencing is atomic with application: a frame (or a batched run of frames) is checked
+//! against the replica's epoch and takeover generation under the same hold of the replica's
+//! lock that applies it. A takeover Hello takes that lock too, so a frame being applied when
+//! it arrives finishes first, and every later frame of a superseded connection is refused.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::BytesMut;
 use cairn_store::{LayerSel, ReadReq, Store, StoreError, WriteReq};
@@ -16,7 +22,7 @@ use cairn_wire::{
     StatusBody,
 };
 
-use crate::{valid_name, Registry};
+use crate::{valid_name, Registry, Replica, SharedStore};
 
 pub(crate) struct Session {
     registry: Arc<Registry>,
@@ -26,8 +32,45 @@ pub(crate) struct Session {
 }
 
 struct Bound {
-    store: Arc<Mutex<Store>>,
+    replica: SharedStore,
     epoch: u64,
+    /// The replica's takeover generation when this connection attached.
+    generation: u64,
+}
+
+impl Bound {
+    /// May this connection apply `frame` to `r`? Judged under the caller's hold of the
+    /// replica's lock, which must also cover the frame's application.
+    fn admit(&self, frame: &Frame, r: &Replica) -> Result<(), ReplyError> {
+        let current = r.store.epoch();
+        if frame.header.epoch != self.epoch {
+            return Err(stale(
+                current,
+                format!(
+                    "frame epoch {} differs from the connection's {}",
+                    frame.header.epoch, self.epoch
+                ),
+            ));
+        }
+        if self.epoch < current {
+            return Err(stale(
+                current,
+                format!("epoch {} was superseded by {current}", self.epoch),
+            ));
+        }
+        if self.generation != r.generation {
+            return Err(stale(
+                current,
+                format!(
+                    "connection superseded by a newer attach (takeover) of replica {}/{} \
+                     at epoch {current}",
+                    r.store.volume(),
+                    r.store.replica_id()
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 type Outcome = Result<ReplyBody, ReplyError>;
@@ -89,8 +132,12 @@ fn status(s: &Store) -> StatusBody {
     }
 }
 
-fn lock(store: &Mutex<Store>) -> std::sync::MutexGuard<'_, Store> {
-    store.lock().unwrap_or_else(|p| p.into_inner())
+fn lock(replica: &Mutex<Replica>) -> MutexGuard<'_, Replica> {
+    replica.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn not_ready() -> ReplyError {
+    err(ErrorKind::NotReady, "no Hello on this connection yet")
 }
 
 impl Session {
@@ -195,7 +242,7 @@ impl Session {
         let epoch = self
             .bound
             .as_ref()
-            .map_or(frame.header.epoch, |b| lock(&b.store).epoch());
+            .map_or(frame.header.epoch, |b| lock(&b.replica).store.epoch());
         let op = frame.header.op;
         let reply = Reply {
             request_id: frame.header.request_id,
@@ -215,55 +262,58 @@ impl Session {
         }
     }
 
-    /// The bound store, after checking that this connection's epoch is still current.
-    fn current(&self, frame: &Frame) -> Result<Arc<Mutex<Store>>, ReplyError> {
-        let b = self
-            .bound
-            .as_ref()
-            .ok_or_else(|| err(ErrorKind::NotReady, "no Hello on this connection yet"))?;
-        let current = lock(&b.store).epoch();
-        if frame.header.epoch != b.epoch {
-            return Err(stale(
-                current,
-                format!(
-                    "frame epoch {} differs from the connection's {}",
-                    frame.header.epoch, b.epoch
-                ),
-            ));
-        }
-        if b.epoch < current {
-            return Err(stale(
-                current,
-                format!("epoch {} was superseded by {current}", b.epoch),
-            ));
-        }
-        Ok(b.store.clone())
+    /// The bound replica, locked, after checking under that same hold that this connection
+    /// may still apply `frame`: the caller applies it before letting go of the guard.
+    fn current(&self, frame: &Frame) -> Result<MutexGuard<'_, Replica>, ReplyError> {
+        let b = self.bound.as_ref().ok_or_else(not_ready)?;
+        let r = lock(&b.replica);
+        b.admit(frame, &r)?;
+        Ok(r)
     }
 
-    fn hello(&mut self, frame: &Frame, volume: &str, replica_id: &str, size: u64) -> Outcome {
+    /// Attaches this connection to a replica. A takeover Hello also supersedes every other
+    /// connection attached to it: it bumps the replica's generation under the lock that
+    /// every frame's admission check takes.
+    fn hello(
+        &mut self,
+        frame: &Frame,
+        volume: &str,
+        replica_id: &str,
+        size: u64,
+        takeover: bool,
+    ) -> Outcome {
         if !valid_name(volume) || !valid_name(replica_id) {
             return Err(err(
                 ErrorKind::InvalidArgument,
                 "volume and replica id must be 1-128 of [A-Za-z0-9._-], not starting with '.'",
             ));
         }
-        let store = self
+        let replica = self
             .registry
             .get(volume, replica_id, size)
             .map_err(|e| reply_error(&e))?;
         let epoch = frame.header.epoch;
-        let mut s = lock(&store);
-        if epoch < s.epoch() {
+        let mut r = lock(&replica);
+        let accepted = r.store.epoch();
+        if epoch < accepted {
             return Err(stale(
-                s.epoch(),
-                format!("epoch {epoch} is older than the accepted {}", s.epoch()),
+                accepted,
+                format!("epoch {epoch} is older than the accepted {accepted}"),
             ));
         }
-        s.set_epoch(epoch).map_err(|e| reply_error(&e))?;
-        let body = status(&s);
-        drop(s);
-        tracing::info!(volume, replica_id, epoch, "engine attached");
-        self.bound = Some(Bound { store, epoch });
+        r.store.set_epoch(epoch).map_err(|e| reply_error(&e))?;
+        if takeover {
+            r.generation += 1;
+        }
+        let generation = r.generation;
+        let body = status(&r.store);
+        drop(r);
+        tracing::info!(volume, replica_id, epoch, takeover, "engine attached");
+        self.bound = Some(Bound {
+            replica,
+            epoch,
+            generation,
+        });
         Ok(ReplyBody::Status(body))
     }
 
@@ -272,15 +322,16 @@ impl Session {
             volume,
             replica_id,
             create_size,
+            takeover,
         } = &req
         {
-            return self.hello(frame, volume, replica_id, *create_size);
+            return self.hello(frame, volume, replica_id, *create_size, *takeover);
         }
         if matches!(req, Request::Ping) {
             return Ok(ReplyBody::Empty);
         }
-        let store = self.current(frame)?;
-        let mut s = lock(&store);
+        let mut guard = self.current(frame)?;
+        let s = &mut guard.store;
         let e = |e: StoreError| reply_error(&e);
         match req {
             Request::Hello { .. } | Request::Ping | Request::Write { .. } => Err(err(
@@ -289,11 +340,11 @@ impl Session {
             )),
             Request::Read { offset, len } => {
                 self.check_read_len(s.size(), offset, len)?;
-                read(&mut s, &LayerSel::Merged, offset, len)
+                read(s, &LayerSel::Merged, offset, len)
             }
             Request::ReadLayer { layer, offset, len } => {
                 self.check_read_len(s.size(), offset, len)?;
-                read(&mut s, &layer_sel(&layer), offset, len)
+                read(s, &layer_sel(&layer), offset, len)
             }
             Request::WriteZeroes {
                 offset,
@@ -344,7 +395,7 @@ impl Session {
                     .collect(),
             )),
             Request::Grow { new_size } => s.grow(new_size).map(|()| ReplyBody::Empty).map_err(e),
-            Request::Status => Ok(ReplyBody::Status(status(&s))),
+            Request::Status => Ok(ReplyBody::Status(status(s))),
             Request::ListExtents { layer, offset, len } => s
                 .extents(&layer_sel(&layer), offset, len)
                 .map(ReplyBody::Extents)
@@ -378,51 +429,53 @@ impl Session {
             }
             Request::Recreate => {
                 s.recreate().map_err(e)?;
-                Ok(ReplyBody::Status(status(&s)))
+                Ok(ReplyBody::Status(status(s)))
             }
         }
     }
 
     /// Applies a run of Read frames as one store batch, so the disk sees them concurrently.
-    fn read_run(&mut self, frames: &[Frame], run: Vec<(usize, Decoded)>, out: &mut BytesMut) {
+    /// The run is admitted and read under one hold of the replica's lock.
+    fn read_run(&self, frames: &[Frame], run: Vec<(usize, Decoded)>, out: &mut BytesMut) {
         let mut outcomes: Vec<Option<Outcome>> = run.iter().map(|_| None).collect();
-        let mut bufs: Vec<(usize, u64, Vec<u8>)> = Vec::new();
-        let mut store = None;
-        for (k, (i, r)) in run.iter().enumerate() {
-            let Ok(Request::Read { offset, len }) = r else {
-                continue;
-            };
-            let (offset, len) = (*offset, *len);
-            let checked = self.current(&frames[*i]).and_then(|st| {
-                let size = lock(&st).size();
-                self.check_read_len(size, offset, len).map(|()| st)
-            });
-            match checked {
-                Ok(st) => {
-                    store = Some(st);
-                    bufs.push((k, offset, vec![0u8; len as usize]));
+        match self.bound.as_ref() {
+            None => outcomes.fill_with(|| Some(Err(not_ready()))),
+            Some(b) => {
+                let mut guard = lock(&b.replica);
+                let mut bufs: Vec<(usize, u64, Vec<u8>)> = Vec::new();
+                for (k, (i, d)) in run.iter().enumerate() {
+                    let Ok(Request::Read { offset, len }) = d else {
+                        continue;
+                    };
+                    let (offset, len) = (*offset, *len);
+                    let admitted = b
+                        .admit(&frames[*i], &guard)
+                        .and_then(|()| self.check_read_len(guard.store.size(), offset, len));
+                    match admitted {
+                        Ok(()) => bufs.push((k, offset, vec![0u8; len as usize])),
+                        Err(e) => outcomes[k] = Some(Err(e)),
+                    }
                 }
-                Err(e) => outcomes[k] = Some(Err(e)),
-            }
-        }
-        if let Some(store) = store {
-            let mut reqs: Vec<ReadReq<'_>> = bufs
-                .iter_mut()
-                .map(|(_, offset, buf)| ReadReq {
-                    offset: *offset,
-                    buf,
-                })
-                .collect();
-            let results = lock(&store).read_batch(&mut reqs);
-            drop(reqs);
-            for ((k, _, buf), r) in bufs.into_iter().zip(results) {
-                outcomes[k] = Some(match r {
-                    Ok(crcs) => Ok(ReplyBody::Data {
-                        crcs,
-                        data: bytes::Bytes::from(buf),
-                    }),
-                    Err(e) => Err(reply_error(&e)),
-                });
+                if !bufs.is_empty() {
+                    let mut reqs: Vec<ReadReq<'_>> = bufs
+                        .iter_mut()
+                        .map(|(_, offset, buf)| ReadReq {
+                            offset: *offset,
+                            buf,
+                        })
+                        .collect();
+                    let results = guard.store.read_batch(&mut reqs);
+                    drop(reqs);
+                    for ((k, _, buf), r) in bufs.into_iter().zip(results) {
+                        outcomes[k] = Some(match r {
+                            Ok(crcs) => Ok(ReplyBody::Data {
+                                crcs,
+                                data: bytes::Bytes::from(buf),
+                            }),
+                            Err(e) => Err(reply_error(&e)),
+                        });
+                    }
+                }
             }
         }
         for ((i, _), o) in run.iter().zip(outcomes) {
@@ -432,52 +485,58 @@ impl Session {
     }
 
     /// Applies a run of Write frames as one store batch; FUA writes are followed by one
-    /// flush before any of the run's replies go out.
-    fn write_run(&mut self, frames: &[Frame], run: Vec<(usize, Decoded)>, out: &mut BytesMut) {
+    /// flush before any of the run's replies go out. The run is admitted, written and
+    /// flushed under one hold of the replica's lock, so a takeover Hello lands either
+    /// before the whole run (which is then refused) or after it.
+    fn write_run(&self, frames: &[Frame], run: Vec<(usize, Decoded)>, out: &mut BytesMut) {
         let mut outcomes: Vec<Option<Outcome>> = run.iter().map(|_| None).collect();
-        let mut reqs = Vec::new();
-        let mut idx = Vec::new();
-        let mut store = None;
-        let mut any_fua = false;
-        for (k, (i, r)) in run.iter().enumerate() {
-            let Ok(Request::Write {
-                offset,
-                fua,
-                crcs,
-                data,
-            }) = r
-            else {
-                continue;
-            };
-            match self.current(&frames[*i]) {
-                Ok(s) => {
-                    store = Some(s);
-                    any_fua |= *fua;
-                    reqs.push(WriteReq {
-                        offset: *offset,
-                        data,
+        match self.bound.as_ref() {
+            None => outcomes.fill_with(|| Some(Err(not_ready()))),
+            Some(b) => {
+                let mut guard = lock(&b.replica);
+                let mut reqs = Vec::new();
+                let mut idx = Vec::new();
+                let mut any_fua = false;
+                for (k, (i, d)) in run.iter().enumerate() {
+                    let Ok(Request::Write {
+                        offset,
+                        fua,
                         crcs,
-                    });
-                    idx.push(k);
+                        data,
+                    }) = d
+                    else {
+                        continue;
+                    };
+                    match b.admit(&frames[*i], &guard) {
+                        Ok(()) => {
+                            any_fua |= *fua;
+                            reqs.push(WriteReq {
+                                offset: *offset,
+                                data,
+                                crcs,
+                            });
+                            idx.push(k);
+                        }
+                        Err(e) => outcomes[k] = Some(Err(e)),
+                    }
                 }
-                Err(e) => outcomes[k] = Some(Err(e)),
-            }
-        }
-        if let Some(store) = store {
-            let mut s = lock(&store);
-            let results = s.write_batch(&reqs);
-            let flushed = if any_fua && results.iter().any(Result::is_ok) {
-                s.flush().map_err(|e| reply_error(&e))
-            } else {
-                Ok(())
-            };
-            for (k, r) in idx.iter().zip(results) {
-                let fua = matches!(run[*k].1, Ok(Request::Write { fua: true, .. }));
-                outcomes[*k] = Some(match (r, &flushed) {
-                    (Err(e), _) => Err(reply_error(&e)),
-                    (Ok(()), Err(fe)) if fua => Err(fe.clone()),
-                    (Ok(()), _) => Ok(ReplyBody::Empty),
-                });
+                if !reqs.is_empty() {
+                    let s = &mut guard.store;
+                    let results = s.write_batch(&reqs);
+                    let flushed = if any_fua && results.iter().any(Result::is_ok) {
+                        s.flush().map_err(|e| reply_error(&e))
+                    } else {
+                        Ok(())
+                    };
+                    for (k, r) in idx.iter().zip(results) {
+                        let fua = matches!(run[*k].1, Ok(Request::Write { fua: true, .. }));
+                        outcomes[*k] = Some(match (r, &flushed) {
+                            (Err(e), _) => Err(reply_error(&e)),
+                            (Ok(()), Err(fe)) if fua => Err(fe.clone()),
+                            (Ok(()), _) => Ok(ReplyBody::Empty),
+                        });
+                    }
+                }
             }
         }
         for ((i, _), o) in run.iter().zip(outcomes) {

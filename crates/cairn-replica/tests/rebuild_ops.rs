@@ -1,48 +1,20 @@
 //! The rebuild operations (Unmap, RangeDigests, Recreate) and StaleEpoch details, end to end
 //! over TCP: a real replica server on a loopback port, driven by the blocking client.
 
+mod common;
+
 use std::net::SocketAddr;
-use std::path::Path;
 
 use bytes::Bytes;
-use cairn_io::EngineChoice;
-use cairn_replica::{Client, ClientError, Server, ServerConfig};
+use cairn_replica::Client;
 use cairn_wire::{ErrorKind, LayerRef, ReplyBody, Request, DEFAULT_MAX_FRAME};
+
+use common::{pattern, remote, serve};
 
 const BS: u64 = 4096;
 const BSZ: usize = 4096;
 const B32: u32 = 4096;
 const SIZE: u64 = 64 * BS;
-
-/// Binds a server on a free loopback port and serves it from a background thread (it runs
-/// until the test process ends).
-fn serve(dir: &Path, max_frame: usize) -> SocketAddr {
-    let server = Server::bind(ServerConfig {
-        dir: dir.to_owned(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        engine: EngineChoice::Portable,
-        max_frame,
-        checksums: true,
-    })
-    .unwrap();
-    let addr = server.local_addr().unwrap();
-    std::thread::spawn(move || server.run());
-    addr
-}
-
-fn pattern(seed: u8, len: usize) -> Bytes {
-    (0..len)
-        .map(|i| i.to_le_bytes()[0].wrapping_mul(31).wrapping_add(seed) ^ i.to_le_bytes()[1])
-        .collect::<Vec<u8>>()
-        .into()
-}
-
-fn remote(r: Result<impl std::fmt::Debug, ClientError>) -> cairn_wire::ReplyError {
-    match r {
-        Err(ClientError::Remote(e)) => e,
-        other => panic!("expected an error reply, got {other:?}"),
-    }
-}
 
 fn snapshot(c: &mut Client, name: &str) {
     c.call(&Request::SnapshotCreate {

@@ -128,7 +128,8 @@ pub enum ErrorKind {
     /// The replica's disk is full.
     NoSpace = 3,
     /// The request's epoch is not the replica's accepted epoch (older, or overtaken since
-    /// the connection's Hello); `detail` is the replica's accepted epoch.
+    /// the connection's Hello), or the connection was superseded by a takeover Hello of the
+    /// same replica; `detail` is the replica's accepted epoch.
     StaleEpoch = 4,
     /// An I/O error on the replica.
     Io = 5,

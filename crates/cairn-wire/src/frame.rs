@@ -20,10 +20,10 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::{op, WireError, FLAG_FUA, FLAG_NO_HOLE, HEADER_LEN, MAGIC, VERSION};
+use crate::{op, WireError, FLAG_FUA, FLAG_NO_HOLE, FLAG_TAKEOVER, HEADER_LEN, MAGIC, VERSION};
 
 /// Every flag bit defined by this version; the others must be zero.
-pub const KNOWN_FLAGS: u16 = FLAG_FUA | FLAG_NO_HOLE;
+pub const KNOWN_FLAGS: u16 = FLAG_FUA | FLAG_NO_HOLE | FLAG_TAKEOVER;
 
 /// Header field offsets (see docs/wire.md).
 const OFF_MAGIC: usize = 0;

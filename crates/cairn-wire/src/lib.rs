@@ -50,6 +50,9 @@ pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024 + 64 * 1024;
 pub const FLAG_FUA: u16 = 1;
 /// Header flag: WriteZeroes must allocate rather than punch a hole.
 pub const FLAG_NO_HOLE: u16 = 2;
+/// Header flag: this Hello takes the replica over, superseding every other connection
+/// attached to the same replica (Hello only).
+pub const FLAG_TAKEOVER: u16 = 4;
 /// Longest `str` field, in bytes.
 pub const MAX_STR_LEN: usize = 4096;
 

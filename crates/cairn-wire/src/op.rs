@@ -4,7 +4,7 @@
 //! the same code with [`REPLY_BIT`] set. Every other byte value is refused by
 //! [`FrameDecoder`](crate::FrameDecoder) before the payload is looked at.
 
-use crate::{FLAG_FUA, FLAG_NO_HOLE};
+use crate::{FLAG_FUA, FLAG_NO_HOLE, FLAG_TAKEOVER};
 
 /// Set in the op byte of every reply: a reply to op `x` carries `REPLY_BIT | x`.
 pub const REPLY_BIT: u8 = 0x80;
@@ -75,6 +75,7 @@ pub fn allowed_flags(op: u8) -> u16 {
     match op {
         WRITE | TRIM => FLAG_FUA,
         WRITE_ZEROES => FLAG_FUA | FLAG_NO_HOLE,
+        HELLO => FLAG_TAKEOVER,
         _ => 0,
     }
 }

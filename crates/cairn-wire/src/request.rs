@@ -12,7 +12,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::codec::{put_labels, put_str, Reader};
 use crate::frame::write_frame;
-use crate::{block_count, block_crcs, op, Frame, WireError, BLOCK_SIZE, FLAG_FUA, FLAG_NO_HOLE};
+use crate::{
+    block_count, block_crcs, op, Frame, WireError, BLOCK_SIZE, FLAG_FUA, FLAG_NO_HOLE,
+    FLAG_TAKEOVER,
+};
 
 /// Layer tag: the writable head.
 const LAYER_HEAD: u8 = 0;
@@ -71,6 +74,9 @@ pub enum Request {
         replica_id: String,
         /// Size to create the replica with, or 0.
         create_size: u64,
+        /// Take the replica over (header flag `FLAG_TAKEOVER`): once this Hello is
+        /// accepted, every other connection attached to the same replica is refused.
+        takeover: bool,
     },
     /// Read `len` bytes of the head at `offset`.
     Read {
@@ -241,6 +247,7 @@ impl Request {
             Request::WriteZeroes { fua, no_hole, .. } => {
                 flag(*fua, FLAG_FUA) | flag(*no_hole, FLAG_NO_HOLE)
             }
+            Request::Hello { takeover, .. } => flag(*takeover, FLAG_TAKEOVER),
             _ => 0,
         }
     }
@@ -293,6 +300,7 @@ impl Request {
                 volume,
                 replica_id,
                 create_size,
+                ..
             } => {
                 put_str(out, volume)?;
                 put_str(out, replica_id)?;
@@ -392,6 +400,7 @@ impl Request {
                 volume: r.string()?,
                 replica_id: r.string()?,
                 create_size: r.u64()?,
+                takeover: header.flags & FLAG_TAKEOVER != 0,
             },
             op::READ => Request::Read {
                 offset: r.u64()?,

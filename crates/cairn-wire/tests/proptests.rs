@@ -75,13 +75,14 @@ fn arb_write() -> impl Strategy<Value = Request> {
 
 fn arb_request() -> impl Strategy<Value = Request> {
     prop_oneof![
-        (arb_string(), arb_string(), any::<u64>()).prop_map(|(volume, replica_id, create_size)| {
-            Request::Hello {
+        (arb_string(), arb_string(), any::<u64>(), any::<bool>()).prop_map(
+            |(volume, replica_id, create_size, takeover)| Request::Hello {
                 volume,
                 replica_id,
                 create_size,
+                takeover,
             }
-        }),
+        ),
         (any::<u64>(), any::<u32>()).prop_map(|(offset, len)| Request::Read { offset, len }),
         arb_write(),
         (any::<u64>(), any::<u64>(), any::<bool>(), any::<bool>()).prop_map(
@@ -428,7 +429,7 @@ proptest! {
             4 => (op::FIRST_REQUEST..=op::LAST_REQUEST).prop_map(|o| o | op::REPLY_BIT),
             1 => any::<u8>(),
         ],
-        flags in prop_oneof![4 => 0u16..4, 1 => any::<u16>()],
+        flags in prop_oneof![4 => 0u16..8, 1 => any::<u16>()],
         payload in prop::collection::vec(any::<u8>(), 0..2048),
     ) {
         decode_payload_both_ways(&frame_with(op_byte, flags, payload));

@@ -270,6 +270,7 @@ fn raw_attached(server: &Server) -> RawConn {
         volume: "vol".into(),
         replica_id: "r1".into(),
         create_size: 0,
+        takeover: false,
     });
     assert!(
         matches!(reply.result, Ok(ReplyBody::Status(_))),

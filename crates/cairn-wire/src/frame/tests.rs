@@ -95,10 +95,18 @@ fn wrong_magic_version_op_and_flags_are_rejected_even_with_a_valid_crc() {
         "replies are frames too"
     );
 
-    let mut buf = raw(op::WRITE, 0x0004, b"");
-    assert_eq!(decode(&mut buf), Err(WireError::BadFlags(0x0004)));
+    let mut buf = raw(op::WRITE, 0x0008, b"");
+    assert_eq!(decode(&mut buf), Err(WireError::BadFlags(0x0008)));
     let mut buf = raw(op::WRITE, 0x8001, b"");
     assert_eq!(decode(&mut buf), Err(WireError::BadFlags(0x8001)));
+    // TAKEOVER is a known bit: the frame layer lets it through whatever the op, and
+    // Request::decode refuses it on every op but Hello.
+    let mut buf = raw(op::WRITE, FLAG_TAKEOVER, b"");
+    let frame = decode(&mut buf).unwrap().expect("a whole frame");
+    assert_eq!(
+        Request::decode(&frame),
+        Err(WireError::BadFlags(FLAG_TAKEOVER))
+    );
 }
 
 #[test]

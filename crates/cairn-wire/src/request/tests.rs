@@ -46,11 +46,13 @@ fn every_request() -> Vec<Request> {
             volume: "vol-1".into(),
             replica_id: "r0".into(),
             create_size: 1 << 30,
+            takeover: false,
         },
         Request::Hello {
             volume: "ünïcødé".into(),
             replica_id: String::new(),
             create_size: 0,
+            takeover: true,
         },
         Request::Read {
             offset: 4096 * 7,
@@ -302,7 +304,58 @@ fn write_must_be_whole_blocks_and_exactly_its_length() {
 }
 
 #[test]
+fn hello_takeover_is_a_header_flag_and_the_payload_is_unchanged() {
+    let hello = |takeover| Request::Hello {
+        volume: "v".into(),
+        replica_id: "r".into(),
+        create_size: 0x1000,
+        takeover,
+    };
+    let mut plain = BytesMut::new();
+    hello(false).encode(1, 1, &mut plain);
+    let mut taking = BytesMut::new();
+    hello(true).encode(1, 1, &mut taking);
+    assert_eq!(&plain[6..8], &[0, 0]);
+    assert_eq!(&taking[6..8], &FLAG_TAKEOVER.to_le_bytes());
+    assert_eq!(&taking[6..8], &[0x04, 0x00]);
+    let mut expected = vec![1, 0, b'v', 1, 0, b'r'];
+    expected.extend_from_slice(&0x1000u64.to_le_bytes());
+    assert_eq!(&plain[32..], &expected[..]);
+    assert_eq!(&taking[32..], &expected[..]);
+    assert_eq!(
+        Request::decode(&frame(op::HELLO, FLAG_TAKEOVER, expected.clone())),
+        Ok(hello(true))
+    );
+    assert_eq!(
+        Request::decode(&frame(op::HELLO, 0, expected.clone())),
+        Ok(hello(false))
+    );
+    assert_eq!(
+        Request::decode(&frame(op::HELLO, FLAG_TAKEOVER | FLAG_FUA, expected)),
+        Err(WireError::BadFlags(FLAG_TAKEOVER | FLAG_FUA))
+    );
+}
+
+#[test]
 fn flags_must_suit_the_op() {
+    // TAKEOVER is legal on Hello only.
+    for (op, payload) in [
+        (op::WRITE, write_payload(0, 0, &[], &[])),
+        (op::READ, vec![0; 12]),
+        (op::PING, vec![]),
+        (op::RECREATE, vec![]),
+        (op::WRITE_ZEROES, vec![0; 16]),
+    ] {
+        assert_eq!(
+            Request::decode(&frame(op, FLAG_TAKEOVER, payload)),
+            Err(WireError::BadFlags(FLAG_TAKEOVER)),
+            "op {op:#04x}"
+        );
+    }
+    assert_eq!(
+        Request::decode(&frame(op::HELLO, FLAG_FUA, vec![0; 12])),
+        Err(WireError::BadFlags(FLAG_FUA))
+    );
     assert_eq!(
         Request::decode(&frame(op::READ, FLAG_FUA, vec![0; 12])),
         Err(WireError::BadFlags(FLAG_FUA))
