@@ -197,7 +197,7 @@ pub(crate) enum HealError {
     Other(String),
 }
 
-fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -325,7 +325,7 @@ impl Engine {
     }
 
     /// Attaches to replica `i` and brings it back with a resync or a rebuild.
-    async fn heal_inner(&self, i: usize) -> Result<(), HealError> {
+    async fn heal_inner(self: &Arc<Engine>, i: usize) -> Result<(), HealError> {
         let slot = self.slot(i);
         let addr = *lock(&slot.addr);
         let attached = tokio::time::timeout(
@@ -336,6 +336,7 @@ impl Engine {
                 &slot.id,
                 self.cfg.size,
                 self.cfg.epoch,
+                true,
             ),
         )
         .await
@@ -347,7 +348,9 @@ impl Engine {
                 status.size, self.cfg.size
             )));
         }
-        *lock(&slot.link) = Some(Arc::new(link));
+        let link = Arc::new(link);
+        *lock(&slot.link) = Some(link.clone());
+        self.watch(i, &link);
         let result = self.heal_attached(i, &status).await;
         if let Err(e) = &result {
             // Out of the set again (WO or not); the link goes with it.
@@ -366,11 +369,17 @@ impl Engine {
         let slot = self.slot(i);
         let known = lock(&slot.identity).clone();
         let has_log = lock(&self.outages).marked(i).is_some();
-        let partial = has_log && known.as_ref() == Some(&identity);
+        let source = self.pick_source(i)?;
+        // The source's chain may have changed while the replica was out (a snapshot).
+        let source_chain = lock(&self.slot(source).identity)
+            .as_ref()
+            .map(|s| s.chain.clone());
+        let partial = has_log
+            && known.as_ref() == Some(&identity)
+            && source_chain.as_ref() == Some(&identity.chain);
         if has_log && !partial {
             tracing::info!(replica = %slot.id, "replica returned with another identity or chain; full rebuild");
         }
-        let source = self.pick_source(i)?;
         let job = Arc::new(Job {
             target: i,
             source,
@@ -914,6 +923,10 @@ impl Engine {
             ReplyBody::Status(s) => s,
             other => return Err(HealError::Target(unexpected("Status", &other))),
         };
+        let identity = self.identify(job.target, &status).await;
+        let slot = self.slot(job.target);
+        let copied = job.copied.load(Ordering::Relaxed);
+        self.progress(job);
         {
             let _g = self.submit.lock().await;
             if job.cancel.load(Ordering::Relaxed) {
@@ -923,19 +936,19 @@ impl Engine {
             if set.mode(job.target) != Mode::Wo {
                 return Err(HealError::Other("the replica left the set".into()));
             }
+            // Everything status shows about the job is in place before it shows RW.
+            slot.last_resync_bytes.store(copied, Ordering::Relaxed);
+            *lock(&slot.last_error) = None;
+            if let Ok(id) = &identity {
+                *lock(&slot.identity) = Some(id.clone());
+            }
+            if let Some(j) = &mut lock(&slot.heal).job {
+                j.state = JobState::Done;
+                j.phase = "done".into();
+            }
             set.set_mode(job.target, Mode::Rw);
         }
         self.persist().await;
-        self.remember_identity(job.target, &status).await;
-        let slot = self.slot(job.target);
-        let copied = job.copied.load(Ordering::Relaxed);
-        slot.last_resync_bytes.store(copied, Ordering::Relaxed);
-        *lock(&slot.last_error) = None;
-        self.progress(job);
-        if let Some(j) = &mut lock(&slot.heal).job {
-            j.state = JobState::Done;
-            j.phase = "done".into();
-        }
         tracing::info!(replica = %slot.id, copied, elapsed = ?job.started.elapsed(), "replica is RW again");
         Ok(())
     }

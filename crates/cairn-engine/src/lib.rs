@@ -45,6 +45,8 @@ pub use set::{Fanout, Mode, Outcome, ReplicaSet};
 
 /// Bytes of the volume one extent listing covers: at most 65,536 extents (1 MiB) per reply.
 const EXTENT_SLICE: u64 = 256 << 20;
+/// A volume-long request (a digest) may take this many I/O timeouts.
+const LONG_OP_FACTOR: u32 = 100;
 
 /// One replica of the volume.
 #[derive(Debug, Clone)]
@@ -128,6 +130,8 @@ pub struct ReplicaStatus {
     pub rebuild: Option<JobStatus>,
     /// False after a cancelled rebuild: it waits for `rebuild start`.
     pub auto_heal: bool,
+    /// Snapshot names of its chain, oldest first, as of its last attach or job.
+    pub chain: Option<Vec<String>>,
 }
 
 /// The volume as status shows it.
@@ -144,6 +148,9 @@ pub struct VolumeStatus {
     pub resynced_bytes: u64,
     /// Flushes the engine sent by itself (see `HealConfig::flush_interval`).
     pub background_flushes: u64,
+    /// True once two background flushes followed the last data-changing request: the
+    /// replicas' dirty logs hold no mark then, so an engine crash would copy nothing.
+    pub flushes_settled: bool,
     pub outage_region_bytes: u64,
     /// Rebuild rate limit in bytes per second, 0 for none.
     pub rebuild_rate: u64,
@@ -211,8 +218,12 @@ pub struct Engine {
     /// Data-changing requests since the background flush last looked.
     unflushed: AtomicU64,
     background_flushes: AtomicU64,
+    /// See `VolumeStatus::flushes_settled`.
+    settled: AtomicBool,
     rebuild_rate: AtomicU64,
     heal_wake: Arc<tokio::sync::Notify>,
+    /// Volume-long requests (digests) in flight.
+    long_ops: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -255,7 +266,7 @@ impl Engine {
             if mode != Mode::Err {
                 let attached = tokio::time::timeout(
                     cfg.io_timeout,
-                    Link::connect(spec.addr, &cfg.volume, &spec.id, cfg.size, cfg.epoch),
+                    Link::connect(spec.addr, &cfg.volume, &spec.id, cfg.size, cfg.epoch, true),
                 )
                 .await
                 .unwrap_or(Err(LinkError::Timeout));
@@ -294,12 +305,17 @@ impl Engine {
             resynced_bytes: AtomicU64::new(0),
             unflushed: AtomicU64::new(0),
             background_flushes: AtomicU64::new(0),
+            settled: AtomicBool::new(false),
             rebuild_rate: AtomicU64::new(cfg.heal.rebuild_rate),
             heal_wake: Arc::new(tokio::sync::Notify::new()),
+            long_ops: AtomicU64::new(0),
             cfg,
         });
         for (i, status) in statuses {
             engine.remember_identity(i, &status).await;
+            if let Some(link) = lock(&engine.slot(i).link).clone() {
+                engine.watch(i, &link);
+            }
         }
         if changed {
             engine.persist().await;
@@ -316,6 +332,43 @@ impl Engine {
             tokio::spawn(Engine::flush_loop(Arc::downgrade(&engine), every));
         }
         engine
+    }
+
+    /// Fails replica `i` as soon as `link` breaks while it is still the replica's link, so
+    /// a replica that dies while idle leaves the set (and starts its recovery) at once.
+    fn watch(self: &Arc<Engine>, i: usize, link: &Arc<Link>) {
+        let closed = link.closed();
+        let (engine, id) = (Arc::downgrade(self), link.id);
+        tokio::spawn(async move {
+            let why = closed.await;
+            let Some(e) = engine.upgrade() else { return };
+            let current = lock(&e.slot(i).link).as_ref().is_some_and(|l| l.id == id);
+            if current {
+                e.fail(i, &LinkError::Closed(why)).await;
+            }
+        });
+    }
+
+    /// Waits for a reply within the I/O timeout; while a volume-long request (a digest) is
+    /// in flight, requests queued behind it wait for it instead of timing out.
+    async fn answer(
+        &self,
+        f: impl std::future::Future<Output = Result<ReplyBody, LinkError>>,
+    ) -> Result<ReplyBody, LinkError> {
+        let mut f = std::pin::pin!(f);
+        let mut waited = Duration::ZERO;
+        loop {
+            match tokio::time::timeout(self.cfg.io_timeout, &mut f).await {
+                Ok(r) => return r,
+                Err(_) => {
+                    waited += self.cfg.io_timeout;
+                    let long = self.long_ops.load(Ordering::Relaxed) > 0;
+                    if !long || waited >= self.cfg.io_timeout * LONG_OP_FACTOR {
+                        return Err(LinkError::Timeout);
+                    }
+                }
+            }
+        }
     }
 
     fn slots(&self) -> Vec<Arc<Slot>> {
@@ -347,6 +400,9 @@ impl Engine {
             one_more = wrote;
             if e.fanout(Request::Flush).await.is_ok() {
                 e.background_flushes.fetch_add(1, Ordering::Relaxed);
+                if !wrote && e.unflushed.load(Ordering::Relaxed) == 0 {
+                    e.settled.store(true, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -462,6 +518,9 @@ impl Engine {
                         outage_regions: outages.get(i).copied().flatten(),
                         rebuild,
                         auto_heal: h.auto,
+                        chain: lock(&s.identity)
+                            .as_ref()
+                            .map(|id| id.chain.iter().map(|c| c.0.clone()).collect()),
                     }
                 })
                 .collect(),
@@ -469,6 +528,7 @@ impl Engine {
             resynced_regions: self.resynced.load(Ordering::Relaxed),
             resynced_bytes: self.resynced_bytes.load(Ordering::Relaxed),
             background_flushes: self.background_flushes.load(Ordering::Relaxed),
+            flushes_settled: self.settled.load(Ordering::Relaxed),
             outage_region_bytes: OUTAGE_REGION,
             rebuild_rate: self.rebuild_rate.load(Ordering::Relaxed),
         }
@@ -477,6 +537,8 @@ impl Engine {
     /// Content digest of every RW replica, asked after every write submitted before this
     /// call: `(replica id, Ok((hex digest, size)) or error)`.
     pub async fn digests(&self) -> Vec<(String, Result<(String, u64), String>)> {
+        self.long_ops.fetch_add(1, Ordering::Relaxed);
+        let _done = LongOp(&self.long_ops);
         let futs = {
             let _g = self.submit.lock().await;
             let targets: Vec<usize> = {
@@ -493,7 +555,7 @@ impl Engine {
         let mut out = Vec::new();
         for (i, f) in futs {
             // Digests read the whole volume: allow far longer than one I/O.
-            let r = match tokio::time::timeout(self.cfg.io_timeout * 100, f).await {
+            let r = match tokio::time::timeout(self.cfg.io_timeout * LONG_OP_FACTOR, f).await {
                 Ok(Ok(ReplyBody::Digest { digest, size })) => Ok((hex::encode(digest), size)),
                 Ok(Ok(other)) => Err(format!("unexpected reply {other:?}")),
                 Ok(Err(e)) => Err(e.to_string()),
@@ -633,6 +695,84 @@ impl Engine {
         self.rebuild_rate.store(bytes_per_sec, Ordering::Relaxed);
     }
 
+    /// Snapshots of the volume, oldest first, as the first RW replica lists them.
+    pub async fn snapshots(&self) -> Result<Vec<cairn_wire::SnapshotInfo>, DevError> {
+        let order = lock(&self.set).read_order();
+        for i in order {
+            match self.answer(self.send(i, Request::SnapshotList)).await {
+                Ok(ReplyBody::Snapshots(s)) => return Ok(s),
+                Ok(other) => {
+                    let e = LinkError::Closed(format!("unexpected reply {other:?}"));
+                    self.fail(i, &e).await;
+                }
+                Err(e) => self.fail(i, &e).await,
+            }
+        }
+        Err(DevError::Io("no replica could list snapshots".into()))
+    }
+
+    /// Takes snapshot `name` on every RW and WO replica, ordered after every write
+    /// acknowledged before. Refused while a rebuild or resync runs (its target would miss
+    /// it) and for a name in use.
+    pub async fn snapshot_create(
+        &self,
+        name: &str,
+        labels: Vec<(String, String)>,
+    ) -> Result<(), String> {
+        self.snapshot_op(name, true, || Request::SnapshotCreate {
+            name: name.to_owned(),
+            created_unix_ms: heal::unix_ms(),
+            labels: labels.clone(),
+        })
+        .await
+    }
+
+    /// Deletes snapshot `name` on every RW and WO replica (its data merges into its child).
+    pub async fn snapshot_delete(&self, name: &str) -> Result<(), String> {
+        self.snapshot_op(name, false, || Request::SnapshotDelete {
+            name: name.to_owned(),
+        })
+        .await
+    }
+
+    async fn snapshot_op(
+        &self,
+        name: &str,
+        create: bool,
+        req: impl Fn() -> Request,
+    ) -> Result<(), String> {
+        if self.slots().iter().any(|s| lock(&s.heal).running) {
+            return Err("a rebuild or resync is running; try again when it is done".into());
+        }
+        let exists = self
+            .snapshots()
+            .await
+            .map_err(|e| e.to_string())?
+            .iter()
+            .any(|s| s.name == name);
+        if create && exists {
+            return Err(format!("snapshot {name} already exists"));
+        }
+        if !create && !exists {
+            return Err(format!("no snapshot {name}"));
+        }
+        self.fanout(req()).await.map_err(|e| e.to_string())?;
+        // The RW replicas' chains changed: remember them, so a replica that missed this
+        // is not taken for one that can be resynced.
+        let rw: Vec<usize> = {
+            let set = lock(&self.set);
+            (0..set.modes().len())
+                .filter(|&i| set.mode(i) == Mode::Rw)
+                .collect()
+        };
+        for i in rw {
+            if let Ok(ReplyBody::Status(st)) = self.answer(self.send(i, Request::Status)).await {
+                self.remember_identity(i, &st).await;
+            }
+        }
+        Ok(())
+    }
+
     /// Queues `req` on replica `i`'s link (FIFO).
     fn send(
         &self,
@@ -647,16 +787,6 @@ impl Engine {
                 None => Err(LinkError::Closed("replica is out of the set".into())),
             }
         }
-    }
-
-    /// Waits for a reply within the I/O timeout.
-    async fn answer(
-        &self,
-        f: impl std::future::Future<Output = Result<ReplyBody, LinkError>>,
-    ) -> Result<ReplyBody, LinkError> {
-        tokio::time::timeout(self.cfg.io_timeout, f)
-            .await
-            .unwrap_or(Err(LinkError::Timeout))
     }
 
     /// Takes replica `i` out of the set, closes its link and persists the membership. An
@@ -785,6 +915,7 @@ impl Engine {
         if let Some(id) = intent {
             lock(&self.outages).end(id);
             self.unflushed.fetch_add(1, Ordering::Relaxed);
+            self.settled.store(false, Ordering::Relaxed);
         }
         match outcome {
             Some(Outcome::Done) => Ok(()),
@@ -849,6 +980,15 @@ impl Engine {
                 Err(e) => self.fail(i, &e).await,
             }
         }
+    }
+}
+
+/// Counts a volume-long request until dropped.
+struct LongOp<'a>(&'a AtomicU64);
+
+impl Drop for LongOp<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -973,9 +1113,12 @@ pub async fn probe_epoch(
     replica_id: &str,
     timeout: Duration,
 ) -> Result<u64, LinkError> {
-    let attached = tokio::time::timeout(timeout, Link::connect(addr, volume, replica_id, 0, 0))
-        .await
-        .unwrap_or(Err(LinkError::Timeout));
+    let attached = tokio::time::timeout(
+        timeout,
+        Link::connect(addr, volume, replica_id, 0, 0, false),
+    )
+    .await
+    .unwrap_or(Err(LinkError::Timeout));
     match attached {
         Ok((_, status)) => Ok(status.epoch),
         Err(LinkError::Remote(e)) if e.kind == ErrorKind::StaleEpoch => Ok(e.detail),

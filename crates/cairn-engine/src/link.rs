@@ -38,6 +38,8 @@ type ReplyTx = oneshot::Sender<Result<ReplyBody, LinkError>>;
 struct PendingState {
     map: HashMap<u64, ReplyTx>,
     closed: Option<String>,
+    /// Told once, when the link closes.
+    on_close: Option<oneshot::Sender<String>>,
 }
 
 type Pending = Arc<Mutex<PendingState>>;
@@ -49,6 +51,8 @@ struct Outgoing {
 
 /// A live connection to one replica.
 pub struct Link {
+    /// Unique among the links of this process.
+    pub id: u64,
     tx: mpsc::UnboundedSender<Outgoing>,
     tasks: Vec<JoinHandle<()>>,
     pending: Pending,
@@ -64,6 +68,9 @@ fn fail_all(pending: &Pending, why: &str) {
     let drained: Vec<_> = {
         let mut p = pending.lock().unwrap_or_else(|p| p.into_inner());
         p.closed.get_or_insert_with(|| why.to_owned());
+        if let Some(tx) = p.on_close.take() {
+            let _ = tx.send(why.to_owned());
+        }
         p.map.drain().collect()
     };
     for (_, tx) in drained {
@@ -73,13 +80,16 @@ fn fail_all(pending: &Pending, why: &str) {
 
 impl Link {
     /// Connects and attaches to `volume`/`replica_id` at `epoch` (creating the replica with
-    /// `size` bytes if it does not exist). Returns the replica's status.
+    /// `size` bytes if it does not exist). With `takeover`, the replica refuses every frame
+    /// of sessions attached before this one (a stalled connection of ours cannot replay
+    /// writes later). Returns the replica's status.
     pub async fn connect(
         addr: SocketAddr,
         volume: &str,
         replica_id: &str,
         size: u64,
         epoch: u64,
+        takeover: bool,
     ) -> Result<(Link, StatusBody), LinkError> {
         let stream = TcpStream::connect(addr)
             .await
@@ -169,7 +179,9 @@ impl Link {
             fail_all(&rp, &why);
         });
 
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let link = Link {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             tx,
             tasks: vec![writer, reader],
             pending,
@@ -179,7 +191,7 @@ impl Link {
                 volume: volume.to_owned(),
                 replica_id: replica_id.to_owned(),
                 create_size: size,
-                takeover: false,
+                takeover,
             })
             .await
         {
@@ -208,6 +220,22 @@ impl Link {
             rx.await
                 .unwrap_or_else(|_| Err(LinkError::Closed("link is closed".into())))
         }
+    }
+
+    /// Completes with the reason when the connection breaks or is closed (at once if it
+    /// already is). Only the first caller is told.
+    pub fn closed(&self) -> impl std::future::Future<Output = String> + Send + 'static {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            match &p.closed {
+                Some(why) => {
+                    let _ = tx.send(why.clone());
+                }
+                None => p.on_close = Some(tx),
+            }
+        }
+        async move { rx.await.unwrap_or_else(|_| "link dropped".to_owned()) }
     }
 
     /// Closes the connection; pending requests fail.

@@ -45,6 +45,17 @@ pub enum ControlRequest {
         volume: String,
         bytes_per_sec: u64,
     },
+    SnapshotCreate {
+        volume: String,
+        name: String,
+    },
+    SnapshotDelete {
+        volume: String,
+        name: String,
+    },
+    SnapshotList {
+        volume: String,
+    },
 }
 
 impl ControlRequest {
@@ -56,7 +67,10 @@ impl ControlRequest {
             | ControlRequest::ReplicaRemove { volume, .. }
             | ControlRequest::RebuildCancel { volume, .. }
             | ControlRequest::RebuildStart { volume, .. }
-            | ControlRequest::RebuildRate { volume, .. } => volume,
+            | ControlRequest::RebuildRate { volume, .. }
+            | ControlRequest::SnapshotCreate { volume, .. }
+            | ControlRequest::SnapshotDelete { volume, .. }
+            | ControlRequest::SnapshotList { volume } => volume,
         }
     }
 }
@@ -77,6 +91,8 @@ pub enum ControlReply {
     Verify(Vec<ReplicaDigest>),
     /// A change was made; what it was.
     Done(String),
+    /// Snapshots, oldest first.
+    Snapshots(Vec<SnapshotView>),
     Error(String),
 }
 
@@ -156,6 +172,27 @@ async fn handle(req: ControlRequest, volume: &str, engine: &Engine) -> ControlRe
             engine.start_rebuild(&replica),
             format!("rebuild of {replica} requested"),
         ),
+        ControlRequest::SnapshotCreate { name, .. } => done(
+            engine.snapshot_create(&name, Vec::new()).await,
+            format!("snapshot {name} created"),
+        ),
+        ControlRequest::SnapshotDelete { name, .. } => done(
+            engine.snapshot_delete(&name).await,
+            format!("snapshot {name} deleted"),
+        ),
+        ControlRequest::SnapshotList { .. } => match engine.snapshots().await {
+            Ok(list) => ControlReply::Snapshots(
+                list.into_iter()
+                    .map(|s| SnapshotView {
+                        name: s.name,
+                        parent: s.parent,
+                        created_unix_ms: s.created_unix_ms,
+                        allocated_bytes: s.allocated_bytes,
+                    })
+                    .collect(),
+            ),
+            Err(e) => ControlReply::Error(e.to_string()),
+        },
         ControlRequest::RebuildRate { bytes_per_sec, .. } => {
             engine.set_rebuild_rate(bytes_per_sec);
             ControlReply::Done(format!("rebuild rate {bytes_per_sec} B/s"))
@@ -223,6 +260,15 @@ pub struct ReplicaView {
 
 fn yes() -> bool {
     true
+}
+
+/// A snapshot as listed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotView {
+    pub name: String,
+    pub parent: Option<String>,
+    pub created_unix_ms: u64,
+    pub allocated_bytes: u64,
 }
 
 /// A rebuild or resync job as the CLI prints it.

@@ -38,6 +38,41 @@ pub enum VolumeCommand {
     /// Follow, cancel, restart or pace rebuilds and resyncs.
     #[command(subcommand)]
     Rebuild(RebuildCommand),
+    /// Create, delete or list snapshots of a running volume.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Freeze the volume's current content as snapshot NAME on every replica.
+    Create {
+        /// Volume name.
+        volume: String,
+        /// Snapshot name: 1-255 of [A-Za-z0-9._:-].
+        name: String,
+        /// Control endpoint of the running `cairn dev`.
+        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        endpoint: SocketAddr,
+    },
+    /// Delete snapshot NAME (its data merges into the next layer; content is unchanged).
+    Delete {
+        /// Volume name.
+        volume: String,
+        /// Snapshot name.
+        name: String,
+        /// Control endpoint of the running `cairn dev`.
+        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        endpoint: SocketAddr,
+    },
+    /// List snapshots, oldest first.
+    List {
+        /// Volume name.
+        volume: String,
+        /// Control endpoint of the running `cairn dev`.
+        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        endpoint: SocketAddr,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -349,6 +384,43 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
             let what = change(endpoint, &ControlRequest::RebuildStart { volume, replica })?;
             println!("{what}");
             Ok(ExitCode::SUCCESS)
+        }
+        VolumeCommand::Snapshot(SnapshotCommand::Create {
+            volume,
+            name,
+            endpoint,
+        }) => {
+            println!(
+                "{}",
+                change(endpoint, &ControlRequest::SnapshotCreate { volume, name })?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        VolumeCommand::Snapshot(SnapshotCommand::Delete {
+            volume,
+            name,
+            endpoint,
+        }) => {
+            println!(
+                "{}",
+                change(endpoint, &ControlRequest::SnapshotDelete { volume, name })?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        VolumeCommand::Snapshot(SnapshotCommand::List { volume, endpoint }) => {
+            match control::call(endpoint, &ControlRequest::SnapshotList { volume })? {
+                ControlReply::Snapshots(list) => {
+                    for s in list {
+                        println!(
+                            "{}  created {}  {} bytes",
+                            s.name, s.created_unix_ms, s.allocated_bytes
+                        );
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                ControlReply::Error(e) => anyhow::bail!(e),
+                other => anyhow::bail!("unexpected reply {other:?}"),
+            }
         }
         VolumeCommand::Rebuild(RebuildCommand::Rate {
             volume,

@@ -72,3 +72,92 @@ fn engine_killed_mid_write_restarts_with_identical_replicas() {
     let dev = Dev::start(&dir, "5s");
     dev.assert_verified("replicas after the last engine crash");
 }
+
+/// What a restarted engine copies is bounded by the writes of the last flush intervals, not
+/// by the volume: after the whole volume was written and the engine's background flushes
+/// cleared the replicas' dirty logs, the engine is killed during writes confined to 16 MiB,
+/// and the restart copies at most those 16 regions of 1 MiB (of 256).
+#[test]
+fn crash_resync_is_bounded_by_the_writes_in_flight() {
+    if !enter_private_netns() || !have_tools(&["fio"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let dev = DevOpts::new("5s")
+        .arg("--flush-interval")
+        .arg("500ms")
+        .start(&dir);
+    run_bounded(
+        Command::new("fio").args([
+            "--name=fill",
+            "--ioengine=nbd",
+            &format!("--uri={NBD_URI}"),
+            "--rw=write",
+            "--bs=1M",
+            "--size=256M",
+            "--iodepth=8",
+        ]),
+        Duration::from_secs(300),
+    )
+    .expect_success("fio filling the volume");
+    // Two background flushes after the last write clear every mark.
+    wait_until(
+        "the background flushes to settle after the fill",
+        Duration::from_secs(60),
+        || dev.status()["flushes_settled"] == true,
+    );
+    let fio = Proc::spawn(
+        Command::new("fio").args([
+            "--name=burst",
+            "--ioengine=nbd",
+            &format!("--uri={NBD_URI}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--offset=64M",
+            "--size=16M",
+            "--iodepth=32",
+            "--time_based",
+            "--runtime=60",
+        ]),
+        "fio writing 16 MiB while the engine is killed",
+    );
+    let writes = |dev: &Dev| {
+        replica_status(&dev.status(), "r1")["writes"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = writes(&dev);
+    wait_until(
+        "fio to have written 2000 times",
+        Duration::from_secs(60),
+        || writes(&dev) > before + 2000,
+    );
+    let replicas = children_of(dev.pid());
+    send_signal(dev.pid(), libc::SIGKILL);
+    for pid in replicas {
+        wait_until(
+            &format!("replica server {pid} to die with cairn dev"),
+            Duration::from_secs(10),
+            || !proc_alive(pid),
+        );
+    }
+    drop(dev);
+    drop(fio);
+
+    let dev = Dev::start(&dir, "5s");
+    let status = dev.status();
+    let regions = status["resynced_regions"].as_u64().unwrap();
+    let bytes = status["resynced_bytes"].as_u64().unwrap();
+    assert!(
+        (1..=16).contains(&regions),
+        "the restart copied {regions} regions; writes in flight covered 16 of 256: {status:#}"
+    );
+    eprintln!("bounded crash resync: {regions} regions of 1 MiB, {bytes} bytes copied");
+    // Each of the two other replicas gets at most the 16 regions.
+    assert!(bytes <= 2 * (16 << 20), "copied {bytes} bytes: {status:#}");
+    for id in ["r1", "r2", "r3"] {
+        assert_eq!(mode_of(&status, id), "RW", "{status:#}");
+    }
+    dev.assert_verified("replicas after the bounded resync");
+}
