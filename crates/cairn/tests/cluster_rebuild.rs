@@ -192,6 +192,7 @@ fn empty_replica_replaces_one_while_fio_writes_and_verifies() {
                         "--verify=crc32c",
                         "--verify_fatal=1",
                         "--do_verify=1",
+                        "--verify_state_save=0",
                         &format!("--randseed={seed}"),
                     ]),
                     Duration::from_secs(300),
@@ -522,5 +523,43 @@ fn replica_returning_with_another_chain_gets_a_rebuild_that_keeps_the_snapshots(
         &read_all(&mut nbd, DEV_SIZE),
         &want,
         "volume after rebuild 2",
+    );
+}
+
+#[test]
+fn replica_back_after_the_resync_window_gets_a_rebuild() {
+    if !enter_private_netns() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dev = DevOpts::new("2s")
+        .arg("--resync-window")
+        .arg("1s")
+        .start(&tmp.path().join("data"));
+    let mut nbd = NbdClient::connect(NBD_ADDR, "vol0");
+    let mut rng = Rng::new(0x1f);
+    let mut want = vec![0u8; DEV_SIZE as usize];
+    write_at(&mut nbd, &mut want, 0, &random_bytes(&mut rng, 8 << 20));
+    nbd.flush().expect("flush");
+    let lock = kill_and_hold(&dev, "r1");
+    write_at(
+        &mut nbd,
+        &mut want,
+        4 << 20,
+        &random_bytes(&mut rng, 2 << 20),
+    );
+    wait_until("r1's outage log to expire", Duration::from_secs(30), || {
+        let s = dev.status();
+        mode_of(&s, "r1") == "ERR" && replica_status(&s, "r1")["outage_regions"].is_null()
+    });
+    drop(lock);
+    let r1 = wait_healed(&dev, "r1", "rebuild", Duration::from_secs(60));
+    // r1 held the first 8 MiB; the compare sends only the 2 MiB written since.
+    assert_eq!(r1["last_resync_bytes"].as_u64(), Some(2 << 20), "{r1:#}");
+    dev.assert_verified("after the rebuild past the window");
+    assert_same_bytes(
+        &read_all(&mut nbd, DEV_SIZE),
+        &want,
+        "volume after the rebuild",
     );
 }
