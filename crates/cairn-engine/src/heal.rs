@@ -33,7 +33,7 @@ pub(crate) const CHUNK: u64 = 1 << 20;
 /// Bytes per checksum compared when the target already holds data.
 const GRANULE: u32 = 64 << 10;
 /// Chunk copies in flight at once.
-const PARALLEL: usize = 4;
+const PARALLEL: usize = 8;
 /// Bytes of the volume one extent listing covers.
 const LIST_SLICE: u64 = 256 << 20;
 /// Longest wait between two attempts to bring a replica back.
@@ -831,17 +831,18 @@ impl Engine {
                 other => return Err(unexpected("ListExtents", &other)),
             };
             match self.answer(data_f).await? {
+                // Block CRCs are not checked here: they travel with the data to the target,
+                // which checks every block against them before writing (end to end).
                 ReplyBody::Data { crcs, data }
-                    if data.len() as u64 == len
-                        && cairn_wire::first_bad_block(&data, &crcs).is_none() =>
+                    if data.len() as u64 == len && crcs.len() as u64 == len / BS =>
                 {
-                    Ok((ext, data))
+                    Ok((ext, crcs, data))
                 }
                 _ => Err(LinkError::Closed("bad data from the source".into())),
             }
         }
         .await;
-        let (ext, data) = match read {
+        let (ext, crcs, data) = match read {
             Ok(v) => v,
             Err(e) => {
                 if let Some(t) = tid {
@@ -891,7 +892,14 @@ impl Engine {
                     Some(true) => {
                         let bytes = data.slice(b * BLOCK..e * BLOCK);
                         copied += n;
-                        futs.push(self.send(job.target, Request::write(o, false, bytes)));
+                        // The source's block CRCs were checked against the data above.
+                        let req = Request::Write {
+                            offset: o,
+                            fua: false,
+                            crcs: crcs[b..e].to_vec(),
+                            data: bytes,
+                        };
+                        futs.push(self.send(job.target, req));
                     }
                     Some(false) if !target_empty => {
                         futs.push(self.send(job.target, Request::Unmap { offset: o, len: n }));

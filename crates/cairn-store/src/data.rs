@@ -319,7 +319,7 @@ impl Store {
             .iter()
             .map(|&i| {
                 self.dirty
-                    .regions(reqs[i].offset, reqs[i].data.len() as u64)
+                    .regions_for_write(reqs[i].offset, reqs[i].data.len() as u64)
             })
             .collect();
         if let Err(e) = self.dirty.mark(&mut self.io, &regions) {

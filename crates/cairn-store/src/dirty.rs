@@ -20,14 +20,25 @@ use crate::error::Result;
 
 pub(crate) const DIRTY_FILE: &str = "dirty.log";
 
+/// Regions marked past the end of a write that ends on a region boundary.
+pub(crate) const MARK_AHEAD: u32 = 8;
+/// Smallest write that marks ahead.
+const MARK_AHEAD_MIN_WRITE: u64 = 64 << 10;
+
 pub(crate) struct DirtyLog {
     file: File,
     region_size: u64,
+    /// Regions of the volume.
+    count: u32,
     bits: Vec<u8>,
     /// Regions whose bit is set on disk.
     marked: RoaringBitmap,
     /// Regions written since the last flush.
     touched: RoaringBitmap,
+}
+
+fn region_count(size: u64, region_size: u64) -> u32 {
+    u32::try_from(size.div_ceil(region_size)).unwrap_or(u32::MAX)
 }
 
 fn bytes_for(size: u64, region_size: u64) -> usize {
@@ -48,6 +59,7 @@ impl DirtyLog {
         Ok(DirtyLog {
             file,
             region_size,
+            count: region_count(size, region_size),
             bits,
             marked: RoaringBitmap::new(),
             touched: RoaringBitmap::new(),
@@ -80,6 +92,7 @@ impl DirtyLog {
         Ok(DirtyLog {
             file,
             region_size,
+            count: region_count(size, region_size),
             bits,
             marked,
             touched: RoaringBitmap::new(),
@@ -99,6 +112,21 @@ impl DirtyLog {
         let first = offset / self.region_size;
         let end = (offset + len).div_ceil(self.region_size);
         u32::try_from(first).unwrap_or(u32::MAX)..u32::try_from(end).unwrap_or(u32::MAX)
+    }
+
+    /// Regions a write of `offset..offset+len` must have marked. A large write (64 KiB or
+    /// more) that ends exactly at a region boundary is most likely part of a sequential
+    /// stream (a rebuild, a restore, a large file): the next [`MARK_AHEAD`] regions are
+    /// marked with it, so such a stream pays one fdatasync per `MARK_AHEAD` regions instead
+    /// of one per region. Small random writes never mark ahead, so what an engine crash
+    /// makes the next engine copy stays proportional to them.
+    pub(crate) fn regions_for_write(&self, offset: u64, len: u64) -> std::ops::Range<u32> {
+        let r = self.regions(offset, len);
+        let end = offset + len;
+        if len < MARK_AHEAD_MIN_WRITE || !end.is_multiple_of(self.region_size) {
+            return r;
+        }
+        r.start..r.end.saturating_add(MARK_AHEAD).min(self.count)
     }
 
     /// Makes every region in `ranges` durably marked before the caller writes to it.
@@ -148,6 +176,7 @@ impl DirtyLog {
     /// Extends the log (fully allocated) to cover a volume of `size` bytes.
     pub(crate) fn grow(&mut self, io: &mut Io, size: u64) -> Result<()> {
         let old = self.bits.len();
+        self.count = region_count(size, self.region_size);
         let new = bytes_for(size, self.region_size);
         if new > old {
             self.bits.resize(new, 0);

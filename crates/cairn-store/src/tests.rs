@@ -218,6 +218,30 @@ fn dirty_regions_repair_torn_checksums_at_open() {
 }
 
 #[test]
+fn large_writes_ending_on_a_region_boundary_mark_ahead_and_small_ones_do_not() {
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Store::create(dir.path(), "v", "r1", 64 * MIB, EngineChoice::Portable).unwrap();
+    // A 4 KiB write ending at the end of region 3: no mark ahead.
+    write(&mut s, 4 * MIB - 4096, &pattern(1, BSZ)).unwrap();
+    assert_eq!(s.dirty_regions().1, vec![3]);
+    // A 64 KiB write in the middle of region 10: no mark ahead either.
+    write(&mut s, 10 * MIB + 4096, &pattern(2, 16 * BSZ)).unwrap();
+    assert_eq!(s.dirty_regions().1, vec![3, 10]);
+    // A 1 MiB write of region 20 (ends on the boundary): regions 21..29 marked with it.
+    write(&mut s, 20 * MIB, &pattern(3, 256 * BSZ)).unwrap();
+    let want: Vec<u64> = [3, 10].into_iter().chain(20..29).collect();
+    assert_eq!(s.dirty_regions().1, want);
+    // Near the end of the volume the marks stop at the last region.
+    write(&mut s, 62 * MIB, &pattern(4, 512 * BSZ)).unwrap();
+    assert_eq!(s.dirty_regions().1.last(), Some(&63));
+    // Marks ahead are cleared like any other after two flushes without writes there.
+    s.flush().unwrap();
+    s.flush().unwrap();
+    assert!(s.dirty_regions().1.is_empty());
+}
+
+#[test]
 fn epoch_persists_and_never_goes_back() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = Store::create(dir.path(), "v", "r1", 4096, EngineChoice::Portable).unwrap();

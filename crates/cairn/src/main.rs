@@ -35,6 +35,16 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Frames of up to 16 MiB are allocated and freed all the time (engine links, replica
+    // sessions). Past glibc's mmap threshold each would be a fresh mapping, page-faulted and
+    // zeroed on every use; from the heap they are reused. Measured: a 1 GiB rebuild went
+    // from 3.4-4.2 s to 3.1 s (docs/rebuild.md).
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes allocator thresholds; called before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
+    }
     // Die quietly on a closed stdout (`cairn volume status | head`), as command-line tools do.
     // SAFETY: setting a signal disposition to SIG_DFL before any thread starts.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
