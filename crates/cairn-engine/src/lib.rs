@@ -45,6 +45,8 @@ pub use set::{Fanout, Mode, Outcome, ReplicaSet};
 
 /// Bytes of the volume one extent listing covers: at most 65,536 extents (1 MiB) per reply.
 const EXTENT_SLICE: u64 = 256 << 20;
+/// Longest snapshot name (the replicas' limit).
+const MAX_SNAPSHOT_NAME: usize = 255;
 /// A volume-long request (a digest) may take this many I/O timeouts.
 const LONG_OP_FACTOR: u32 = 100;
 
@@ -741,6 +743,18 @@ impl Engine {
         create: bool,
         req: impl Fn() -> Request,
     ) -> Result<(), String> {
+        // Checked here, not left to the replicas: a request every replica refuses would
+        // fail them all.
+        let valid = !name.is_empty()
+            && name.len() <= MAX_SNAPSHOT_NAME
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+        if !valid {
+            return Err(format!(
+                "snapshot name {name:?} must be 1-{MAX_SNAPSHOT_NAME} characters of [A-Za-z0-9._:-]"
+            ));
+        }
         if self.slots().iter().any(|s| lock(&s.heal).running) {
             return Err("a rebuild or resync is running; try again when it is done".into());
         }

@@ -492,6 +492,26 @@ fn replica_returning_with_another_chain_gets_a_rebuild_that_keeps_the_snapshots(
     // The 16 MiB r2 already held were compared against s1, not sent; the head was.
     assert_eq!(r2["last_resync_bytes"].as_u64(), Some(16 << 20), "{r2:#}");
     dev.assert_verified("after the rebuild that kept s1");
+    // Bad snapshot requests get a clear error and fail no replica.
+    for (name, why) in [("s1", "already exists"), ("bad name", "must be")] {
+        let r = run_bounded(
+            Command::new(cairn_bin()).args([
+                "volume",
+                "snapshot",
+                "create",
+                "vol0",
+                name,
+                "--endpoint",
+                &dev.control,
+            ]),
+            Duration::from_secs(60),
+        );
+        assert!(
+            !r.success() && r.stderr.contains(why),
+            "snapshot create {name:?}: {r:?}"
+        );
+    }
+    assert_modes(&dev.status(), &[("r1", "RW"), ("r2", "RW"), ("r3", "RW")]);
     assert_same_bytes(
         &read_all(&mut nbd, DEV_SIZE),
         &want,
