@@ -263,6 +263,9 @@ impl Engine {
     pub(crate) async fn heal_loop(engine: std::sync::Weak<Engine>, wake: Arc<tokio::sync::Notify>) {
         loop {
             let Some(e) = engine.upgrade() else { return };
+            if e.closing.load(Ordering::Relaxed) {
+                return;
+            }
             for i in lock(&e.outages).expire(e.cfg.heal.resync_window) {
                 tracing::info!(replica = %e.slot(i).id, "resync window passed; the replica will get a full rebuild");
             }

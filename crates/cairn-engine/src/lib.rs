@@ -226,6 +226,8 @@ pub struct Engine {
     heal_wake: Arc<tokio::sync::Notify>,
     /// Volume-long requests (digests) in flight.
     long_ops: AtomicU64,
+    /// Set by `shutdown`: replicas going away now are not failures.
+    closing: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -311,6 +313,7 @@ impl Engine {
             rebuild_rate: AtomicU64::new(cfg.heal.rebuild_rate),
             heal_wake: Arc::new(tokio::sync::Notify::new()),
             long_ops: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
             cfg,
         });
         for (i, status) in statuses {
@@ -803,9 +806,21 @@ impl Engine {
         }
     }
 
+    /// Before a clean stop: from now on the engine changes no replica's mode (so stopping
+    /// the replica servers next does not record them as failed) and starts no job.
+    pub fn shutdown(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+        for s in self.slots() {
+            lock(&s.heal).cancel.store(true, Ordering::Relaxed);
+        }
+    }
+
     /// Takes replica `i` out of the set, closes its link and persists the membership. An
     /// RW replica's outage log opens in the same step (see [`outage`]).
     async fn fail(&self, i: usize, why: &LinkError) {
+        if self.closing.load(Ordering::Relaxed) {
+            return;
+        }
         let (changed, was_last) = {
             let mut o = lock(&self.outages);
             let mut set = lock(&self.set);

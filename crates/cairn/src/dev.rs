@@ -371,6 +371,7 @@ async fn run_async(args: DevArgs) -> anyhow::Result<std::process::ExitCode> {
     if let Err(e) = tokio::time::timeout(*args.io_timeout, engine.flush()).await {
         tracing::warn!(error = %e, "final flush timed out");
     }
+    engine.shutdown();
     let _ = stop_tx.send(true);
     for s in supervisors {
         let _ = s.await;
