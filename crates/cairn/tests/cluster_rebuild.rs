@@ -139,6 +139,7 @@ fn killed_replica_is_resynced_with_only_what_was_written() {
 
     let r2 = wait_healed(&dev, "r2", "resync", Duration::from_secs(60));
     let copied = r2["last_resync_bytes"].as_u64().unwrap();
+    eprintln!("resync after {written} bytes written: {marked} regions of 64 KiB logged, {copied} bytes copied");
     assert!(
         copied > 0 && copied <= 2 * written,
         "resync copied {copied} bytes for {written} written: {r2:#}"
