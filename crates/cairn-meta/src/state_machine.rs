@@ -61,6 +61,8 @@ pub struct SnapshotBuilder {
     records: Vec<Record>,
     last_applied: Option<LogId<NodeId>>,
     membership: Membership,
+    /// Why the copy could not be taken; `build_snapshot` then fails.
+    copy_error: Option<String>,
 }
 
 /// What a snapshot's bytes hold.
@@ -268,6 +270,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let snap_err = |e: &dyn std::error::Error| -> StorageError<NodeId> {
             StorageIOError::write_snapshot(None, openraft::AnyError::error(e.to_string())).into()
         };
+        if let Some(e) = &self.copy_error {
+            return Err(StorageIOError::read_state_machine(openraft::AnyError::error(e)).into());
+        }
         let data = serde_json::to_vec(&SnapshotData {
             records: std::mem::take(&mut self.records),
         })
@@ -332,15 +337,18 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
         // openraft's signature is infallible; a read failure here surfaces
-        // from build_snapshot instead, via an empty copy that is never stored.
+        // from build_snapshot instead, which then stores nothing.
         let copy = self
             .all_records()
             .and_then(|records| Ok((records, self.read_meta()?)));
-        let (records, (last_applied, membership)) = match copy {
-            Ok(c) => c,
+        let ((records, (last_applied, membership)), copy_error) = match copy {
+            Ok(c) => (c, None),
             Err(e) => {
                 tracing::error!(error = %e, "cannot copy the state machine for a snapshot");
-                (Vec::new(), (None, Membership::default()))
+                (
+                    (Vec::new(), (None, Membership::default())),
+                    Some(e.to_string()),
+                )
             }
         };
         SnapshotBuilder {
@@ -348,6 +356,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             records,
             last_applied,
             membership,
+            copy_error,
         }
     }
 
