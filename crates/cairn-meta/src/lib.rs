@@ -23,6 +23,7 @@
 mod command;
 mod error;
 mod log_store;
+pub mod schedule;
 mod state_machine;
 
 use std::io::Cursor;
