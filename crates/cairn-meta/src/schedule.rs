@@ -455,7 +455,7 @@ mod tests {
             node("a", None, 9 * GIB),
             node("b", None, 8 * GIB),
             node("c", None, 7 * GIB),
-            node("d", None, 1 * GIB),
+            node("d", None, GIB),
         ];
         // a healthy (counts), b unhealthy (does not count, node still excluded).
         let r = place(
@@ -523,7 +523,7 @@ mod tests {
             node("a1", Some("a"), 9 * GIB),
             node("a2", Some("a"), 8 * GIB),
             node("b1", Some("b"), 2 * GIB),
-            node("c1", Some("c"), 1 * GIB),
+            node("c1", Some("c"), GIB),
         ];
         let r = place(&spec(GIB, 3), &nodes, &[]);
         assert_eq!(names(&r), ["a1", "b1", "c1"]);
@@ -539,7 +539,7 @@ mod tests {
             node("a2", Some("a"), 8 * GIB),
             node("a3", Some("a"), 7 * GIB),
             node("b1", Some("b"), 2 * GIB),
-            node("b2", Some("b"), 1 * GIB),
+            node("b2", Some("b"), GIB),
         ];
         let r = place(&spec(GIB, 4), &nodes, &[]);
         assert_eq!(names(&r), ["a1", "b1", "a2", "b2"]);
@@ -550,7 +550,7 @@ mod tests {
         let nodes = [
             node("a1", Some("a"), 9 * GIB),
             node("a2", Some("a"), 8 * GIB),
-            node("b1", Some("b"), 1 * GIB),
+            node("b1", Some("b"), GIB),
         ];
         let r = place(&spec(GIB, 2), &nodes, &[replica("a1", true)]);
         assert_eq!(names(&r), ["b1"]);
@@ -561,7 +561,7 @@ mod tests {
         let nodes = [
             node("x", None, 9 * GIB),
             node("y", None, 8 * GIB),
-            node("z", Some("a"), 1 * GIB),
+            node("z", Some("a"), GIB),
         ];
         let r = place(&spec(GIB, 2), &nodes, &[]);
         assert_eq!(names(&r), ["x", "z"]);
@@ -571,7 +571,7 @@ mod tests {
     fn locality_goes_first() {
         let nodes = [
             node("a", Some("z1"), 9 * GIB),
-            node("b", Some("z1"), 1 * GIB),
+            node("b", Some("z1"), GIB),
             node("c", Some("z2"), 5 * GIB),
         ];
         let mut s = spec(GIB, 2);
@@ -584,7 +584,7 @@ mod tests {
     fn locality_ignored_when_ineligible_or_holding() {
         let mut down = node("d", None, 9 * GIB);
         down.up = false;
-        let nodes = [node("a", None, 5 * GIB), node("b", None, 1 * GIB), down];
+        let nodes = [node("a", None, 5 * GIB), node("b", None, GIB), down];
         let mut s = spec(GIB, 1);
         s.locality = Some("d".to_string());
         assert_eq!(names(&place(&s, &nodes, &[])), ["a"]);
@@ -635,7 +635,7 @@ mod tests {
             node("b", Some("z2"), 9 * GIB),
             node("c", Some("z3"), 9 * GIB),
             node("d", Some("z1"), 5 * GIB),
-            node("e", Some("z3"), 1 * GIB),
+            node("e", Some("z3"), GIB),
         ];
         let existing = [replica("a", true), replica("b", true), replica("c", false)];
         // c failed: c is excluded, z1 and z2 are taken, so e (z3) wins over d.
