@@ -23,7 +23,9 @@
 mod command;
 mod error;
 mod log_store;
+pub mod network;
 pub mod schedule;
+pub mod server;
 mod state_machine;
 
 use std::io::Cursor;
@@ -32,6 +34,7 @@ use std::path::Path;
 pub use command::{Command, CommandResult, Record};
 pub use error::MetaError;
 pub use log_store::LogStore;
+pub use server::{start_member, MetaMember, MetaServer};
 pub use state_machine::{SnapshotBuilder, StateMachineStore};
 
 openraft::declare_raft_types!(

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod control;
 mod dev;
+mod meta;
 mod replica;
 mod volume;
 
@@ -32,6 +33,9 @@ enum Command {
     /// Inspect a running volume through its control endpoint.
     #[command(subcommand)]
     Volume(volume::VolumeCommand),
+    /// Run one member of the metadata service (Raft group + `cairn.v1.Meta` API) in the
+    /// foreground.
+    Meta(meta::MetaArgs),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +63,7 @@ fn main() -> ExitCode {
         Command::Replica(c) => replica::run(c),
         Command::Volume(c) => volume::run(c),
         Command::Dev(a) => dev::run(a),
+        Command::Meta(a) => meta::run(a),
     };
     match result {
         Ok(code) => code,
