@@ -1,0 +1,295 @@
+//! The `cairn.v1.Meta` service of one in-process member on a loopback port,
+//! driven by the generated client: the gRPC status code of each kind of
+//! failure, List filters, Heartbeat and Watch.
+
+// tonic's calls return `tonic::Status` by value; the helpers pass it on.
+#![allow(clippy::result_large_err)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use cairn_meta::{start_member, MetaMember};
+use cairn_proto::v1::meta_client::MetaClient;
+use cairn_proto::v1::record::Record as R;
+use cairn_proto::v1::{
+    CreateRequest, DeleteRequest, GetRequest, Key, Kind, ListRequest, Record, RemoveMemberRequest,
+    Replica, UpdateRequest, Volume,
+};
+use tempfile::TempDir;
+use tonic::transport::Channel;
+use tonic::Code;
+
+/// One initialized single-member cluster and a client of it.
+struct One {
+    client: MetaClient<Channel>,
+    member: MetaMember,
+    _dir: TempDir,
+}
+
+async fn one() -> One {
+    let dir = tempfile::tempdir().unwrap();
+    let member = start_member(1, dir.path()).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let incoming =
+        tonic::transport::server::TcpIncoming::from_listener(listener, true, None).unwrap();
+    tokio::spawn(member.router().serve_with_incoming(incoming));
+    member
+        .initialize(&BTreeMap::from([(1, addr.clone())]))
+        .await
+        .unwrap();
+    member
+        .raft
+        .wait(Some(Duration::from_secs(10)))
+        .current_leader(1, "leader elected")
+        .await
+        .unwrap();
+    let client = MetaClient::connect(format!("http://{addr}")).await.unwrap();
+    One {
+        client,
+        member,
+        _dir: dir,
+    }
+}
+
+fn volume(name: &str, size: u64) -> Record {
+    Record {
+        record: Some(R::Volume(Volume {
+            name: name.into(),
+            size_bytes: size,
+            replica_count: 1,
+            ..Default::default()
+        })),
+    }
+}
+
+fn replica(name: &str, volume: &str, node: &str) -> Record {
+    Record {
+        record: Some(R::Replica(Replica {
+            name: name.into(),
+            volume: volume.into(),
+            node: node.into(),
+            disk: "/d".into(),
+            ..Default::default()
+        })),
+    }
+}
+
+fn with_version(r: Record, v: u64) -> Record {
+    cairn_proto::with_version(r, v)
+}
+
+fn key(kind: Kind, name: &str) -> Option<Key> {
+    Some(Key {
+        kind: kind.into(),
+        name: name.into(),
+    })
+}
+
+fn names(records: &[Record]) -> Vec<String> {
+    records
+        .iter()
+        .map(|r| cairn_proto::name_of(r).unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn status_codes() {
+    let mut m = one().await;
+    let c = &mut m.client;
+    let created = c
+        .create(CreateRequest {
+            record: Some(volume("v1", 1 << 20)),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap();
+    assert_eq!(cairn_proto::version_of(&created), Some(1));
+
+    // Duplicate create.
+    let e = c
+        .create(CreateRequest {
+            record: Some(volume("v1", 1 << 20)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e}");
+
+    // Stale version: bring it to 2, then update expecting 1.
+    c.update(UpdateRequest {
+        record: Some(with_version(volume("v1", 2 << 20), 1)),
+    })
+    .await
+    .unwrap();
+    let e = c
+        .update(UpdateRequest {
+            record: Some(with_version(volume("v1", 3 << 20), 1)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e}");
+    let e = c
+        .delete(DeleteRequest {
+            key: key(Kind::Volume, "v1"),
+            expected_version: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e}");
+
+    // Missing records.
+    let e = c
+        .update(UpdateRequest {
+            record: Some(with_version(volume("nope", 4096), 1)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    let e = c
+        .get(GetRequest {
+            key: key(Kind::Volume, "nope"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    let e = c
+        .delete(DeleteRequest {
+            key: key(Kind::Volume, "nope"),
+            expected_version: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+
+    // Invalid arguments name the field.
+    let e = c
+        .create(CreateRequest {
+            record: Some(volume("Bad_Name", 4096)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("volume.name"), "{e}");
+    let e = c
+        .create(CreateRequest {
+            record: Some(volume("v2", 4097)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("size"), "{e}");
+    let e = c
+        .create(CreateRequest {
+            record: Some(replica("r1", "v1", "Node_A")),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("replica.node"), "{e}");
+    let e = c
+        .update(UpdateRequest {
+            record: Some(volume("v1", 4096)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    let e = c
+        .get(GetRequest {
+            key: key(Kind::Unspecified, "v1"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+
+    // Delete with the right version, then the record is gone.
+    c.delete(DeleteRequest {
+        key: key(Kind::Volume, "v1"),
+        expected_version: 2,
+    })
+    .await
+    .unwrap();
+    let e = c
+        .get(GetRequest {
+            key: key(Kind::Volume, "v1"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+}
+
+#[tokio::test]
+async fn list_filters_by_volume_and_node() {
+    let mut m = one().await;
+    let c = &mut m.client;
+    for (r, v, n) in [
+        ("r1", "va", "n1"),
+        ("r2", "va", "n2"),
+        ("r3", "vb", "n1"),
+        ("r4", "vb", "n2"),
+    ] {
+        c.create(CreateRequest {
+            record: Some(replica(r, v, n)),
+        })
+        .await
+        .unwrap();
+    }
+    let mut attached = volume("vc", 4096);
+    if let Some(R::Volume(v)) = attached.record.as_mut() {
+        v.attached_node = "n1".into();
+    }
+    c.create(CreateRequest {
+        record: Some(attached),
+    })
+    .await
+    .unwrap();
+    c.create(CreateRequest {
+        record: Some(volume("vd", 4096)),
+    })
+    .await
+    .unwrap();
+
+    let list = |kind: Kind, volume: &str, node: &str| ListRequest {
+        kind: kind.into(),
+        volume: volume.into(),
+        node: node.into(),
+    };
+    let all = c
+        .list(list(Kind::Replica, "", ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(names(&all.records), ["r1", "r2", "r3", "r4"]);
+    assert!(all.revision > 0);
+    let by_vol = c.list(list(Kind::Replica, "va", "")).await.unwrap();
+    assert_eq!(names(&by_vol.into_inner().records), ["r1", "r2"]);
+    let by_node = c.list(list(Kind::Replica, "", "n2")).await.unwrap();
+    assert_eq!(names(&by_node.into_inner().records), ["r2", "r4"]);
+    let both = c.list(list(Kind::Replica, "vb", "n1")).await.unwrap();
+    assert_eq!(names(&both.into_inner().records), ["r3"]);
+    let vols = c.list(list(Kind::Volume, "", "n1")).await.unwrap();
+    assert_eq!(names(&vols.into_inner().records), ["vc"]);
+    let vols = c.list(list(Kind::Volume, "", "")).await.unwrap();
+    assert_eq!(names(&vols.into_inner().records), ["vc", "vd"]);
+    let e = c.list(list(Kind::Unspecified, "", "")).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+}
+
+#[tokio::test]
+async fn remove_last_member_fails() {
+    let mut m = one().await;
+    let e = m
+        .client
+        .remove_member(RemoveMemberRequest { id: 1 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    let e = m
+        .client
+        .remove_member(RemoveMemberRequest { id: 9 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    assert!(m.member.raft.current_leader().await == Some(1));
+}
