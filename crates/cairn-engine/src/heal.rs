@@ -263,7 +263,7 @@ impl Engine {
     pub(crate) async fn heal_loop(engine: std::sync::Weak<Engine>, wake: Arc<tokio::sync::Notify>) {
         loop {
             let Some(e) = engine.upgrade() else { return };
-            if e.closing.load(Ordering::Relaxed) {
+            if e.closing.load(Ordering::Relaxed) || e.superseded.load(Ordering::Relaxed) > 0 {
                 return;
             }
             for i in lock(&e.outages).expire(e.cfg.heal.resync_window) {
@@ -344,6 +344,11 @@ impl Engine {
         )
         .await
         .unwrap_or(Err(LinkError::Timeout));
+        if let Err(LinkError::Remote(e)) = &attached {
+            if e.kind == cairn_wire::ErrorKind::StaleEpoch && e.detail > self.cfg.epoch {
+                self.superseded.fetch_max(e.detail, Ordering::Relaxed);
+            }
+        }
         let (link, status) = attached.map_err(HealError::Target)?;
         if status.size != self.cfg.size {
             return Err(HealError::Other(format!(

@@ -156,6 +156,9 @@ pub struct VolumeStatus {
     pub outage_region_bytes: u64,
     /// Rebuild rate limit in bytes per second, 0 for none.
     pub rebuild_rate: u64,
+    /// The newer epoch a replica named when it refused this engine's: this engine is
+    /// fenced out and brings no replica back.
+    pub superseded_by_epoch: Option<u64>,
 }
 
 #[derive(Default)]
@@ -228,6 +231,9 @@ pub struct Engine {
     long_ops: AtomicU64,
     /// Set by `shutdown`: replicas going away now are not failures.
     closing: AtomicBool,
+    /// A replica refused our epoch in favour of this newer one: another engine owns the
+    /// volume now, so this one stops bringing replicas back.
+    superseded: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -314,6 +320,7 @@ impl Engine {
             heal_wake: Arc::new(tokio::sync::Notify::new()),
             long_ops: AtomicU64::new(0),
             closing: AtomicBool::new(false),
+            superseded: AtomicU64::new(0),
             cfg,
         });
         for (i, status) in statuses {
@@ -536,6 +543,10 @@ impl Engine {
             flushes_settled: self.settled.load(Ordering::Relaxed),
             outage_region_bytes: OUTAGE_REGION,
             rebuild_rate: self.rebuild_rate.load(Ordering::Relaxed),
+            superseded_by_epoch: match self.superseded.load(Ordering::Relaxed) {
+                0 => None,
+                e => Some(e),
+            },
         }
     }
 
@@ -820,6 +831,18 @@ impl Engine {
     async fn fail(&self, i: usize, why: &LinkError) {
         if self.closing.load(Ordering::Relaxed) {
             return;
+        }
+        if let LinkError::Remote(e) = why {
+            if e.kind == ErrorKind::StaleEpoch
+                && e.detail > self.cfg.epoch
+                && self.superseded.fetch_max(e.detail, Ordering::Relaxed) == 0
+            {
+                tracing::error!(
+                    epoch = self.cfg.epoch,
+                    newer = e.detail,
+                    "another engine attached with a newer epoch; this one is fenced out"
+                );
+            }
         }
         let (changed, was_last) = {
             let mut o = lock(&self.outages);

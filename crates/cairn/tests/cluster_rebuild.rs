@@ -442,6 +442,11 @@ fn paused_old_engine_cannot_change_replicas_after_a_new_one_attached() {
     );
     let _ = old_nbd.write(1 << 20, &third);
     let status = old.status();
+    assert_eq!(
+        status["superseded_by_epoch"].as_u64(),
+        Some(epoch),
+        "the old engine knows it was fenced out: {status:#}"
+    );
     for id in ["r1", "r2", "r3"] {
         let r = replica_status(&status, id);
         assert!(
