@@ -17,12 +17,18 @@
 //! is the protobuf encoding of the record with version 0 (the store's version
 //! is authoritative and set on every answer).
 //!
-//! Not implemented yet: Watch and Heartbeat answer `UNIMPLEMENTED`.
+//! Heartbeat is a write: the leader reads the Node record, sets its disks,
+//! state UP and `heartbeat_unix_ms` from its own clock, and writes it back at
+//! the version it read (retrying when another write came in between). An
+//! unknown node is created with just its name and disks (an upsert).
+//!
+//! Not implemented yet: Watch answers `UNIMPLEMENTED`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cairn_proto::v1::meta_client::MetaClient;
 use cairn_proto::v1::meta_server;
@@ -30,10 +36,10 @@ use cairn_proto::v1::record::Record as R;
 use cairn_proto::v1::{
     AddMemberRequest, CreateRequest, CreateResponse, DeleteRequest, DeleteResponse, GetRequest,
     GetResponse, HeartbeatRequest, HeartbeatResponse, Key, Kind, LeaderRequest, LeaderResponse,
-    ListRequest, ListResponse, Member, MembersRequest, MembersResponse, RemoveMemberRequest,
-    UpdateRequest, UpdateResponse, WatchEvent, WatchRequest,
+    ListRequest, ListResponse, Member, MembersRequest, MembersResponse, Node, NodeState,
+    RemoveMemberRequest, UpdateRequest, UpdateResponse, WatchEvent, WatchRequest,
 };
-use cairn_proto::{validate_record, version_of, with_version};
+use cairn_proto::{validate_node_name, validate_record, version_of, with_version};
 use openraft::error::{ClientWriteError, ForwardToLeader, RaftError};
 use openraft::{BasicNode, Config};
 use prost::Message;
@@ -51,12 +57,16 @@ pub const LEADER_TRAILER: &str = "cairn-leader";
 type Res<T> = Result<Response<T>, Status>;
 type Forward = ForwardToLeader<NodeId, BasicNode>;
 
+/// Default of [`MetaServer::with_node_down_timeout`].
+pub const DEFAULT_NODE_DOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The `cairn.v1.Meta` service of one member.
 #[derive(Clone)]
 pub struct MetaServer {
     raft: Raft,
     sm: StateMachineStore,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    node_down_timeout: Duration,
 }
 
 /// Why a request could not be handled here.
@@ -149,7 +159,16 @@ impl MetaServer {
             raft,
             sm,
             channels: Arc::default(),
+            node_down_timeout: DEFAULT_NODE_DOWN_TIMEOUT,
         }
+    }
+
+    /// Sets how long a node may stay silent before it is DOWN; Heartbeat
+    /// answers it so agents heartbeat well within it.
+    #[must_use]
+    pub fn with_node_down_timeout(mut self, timeout: Duration) -> Self {
+        self.node_down_timeout = timeout;
+        self
     }
 
     /// The tonic server of this service.
@@ -343,6 +362,59 @@ impl MetaServer {
         Ok(ListResponse { records, revision })
     }
 
+    async fn heartbeat_here(&self, req: &HeartbeatRequest) -> Result<HeartbeatResponse, Fail> {
+        validate_node_name("heartbeat.node", &req.node)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let k = Kind::Node.cli_name();
+        let timeout_ms = u64::try_from(self.node_down_timeout.as_millis()).unwrap_or(u64::MAX);
+        // Read-modify-write at the version read; retry when a write to the
+        // node came in between (the other fields are not ours to overwrite).
+        for _ in 0..16 {
+            self.linearizable().await?;
+            let stored = self.sm.get(k, &req.node).map_err(|e| from_meta(&e))?;
+            let (mut node, expected) = match &stored {
+                Some(r) => match decode(r)?.record {
+                    Some(R::Node(n)) => (n, r.version),
+                    _ => return Err(internal(format!("stored node {:?} is no Node", req.node))),
+                },
+                None => (
+                    Node {
+                        name: req.node.clone(),
+                        ..Node::default()
+                    },
+                    0,
+                ),
+            };
+            node.version = 0;
+            node.disks.clone_from(&req.disks);
+            node.state = NodeState::Up.into();
+            node.state_reason.clear();
+            node.heartbeat_unix_ms = now_unix_ms();
+            let data = cairn_proto::v1::Record {
+                record: Some(R::Node(node.clone())),
+            }
+            .encode_to_vec();
+            let cmd = Command::Put {
+                kind: k.to_owned(),
+                name: req.node.clone(),
+                data,
+                expected_version: Some(expected),
+            };
+            match self.write(cmd).await? {
+                CommandResult::Ok { version } => {
+                    node.version = version;
+                    return Ok(HeartbeatResponse {
+                        node: Some(node),
+                        node_down_timeout_ms: timeout_ms,
+                    });
+                }
+                CommandResult::Conflict { .. } => continue,
+                other => return Err(internal(format!("unexpected result {other:?}"))),
+            }
+        }
+        Err(Status::aborted(format!("{k} {:?} changes too fast to heartbeat", req.node)).into())
+    }
+
     fn members_now(&self) -> MembersResponse {
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
@@ -412,6 +484,13 @@ impl MetaServer {
         }
         Ok(self.members_now())
     }
+}
+
+/// This member's clock, unix milliseconds (0 before 1970).
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn forwarded<T>(req: &Request<T>) -> bool {
@@ -503,8 +582,8 @@ impl meta_server::Meta for MetaServer {
         Ok(Response::new(resp))
     }
 
-    async fn heartbeat(&self, _req: Request<HeartbeatRequest>) -> Res<HeartbeatResponse> {
-        Err(Status::unimplemented("Heartbeat is not implemented yet"))
+    async fn heartbeat(&self, req: Request<HeartbeatRequest>) -> Res<HeartbeatResponse> {
+        serve!(self, req, heartbeat_here, heartbeat)
     }
 }
 
@@ -516,6 +595,7 @@ pub struct MetaMember {
     pub raft: Raft,
     /// Its applied records.
     pub sm: StateMachineStore,
+    node_down_timeout: Duration,
 }
 
 /// The Raft timing of meta members: heartbeats every 100 ms, an election
@@ -542,10 +622,22 @@ pub async fn start_member(
     let (log, sm) = open_store(dir)?;
     let config = Arc::new(raft_config().validate()?);
     let raft = Raft::new(id, config, Network::new(id), log, sm.clone()).await?;
-    Ok(MetaMember { raft, sm })
+    Ok(MetaMember {
+        raft,
+        sm,
+        node_down_timeout: DEFAULT_NODE_DOWN_TIMEOUT,
+    })
 }
 
 impl MetaMember {
+    /// Sets the node-down timeout of the Meta service [`Self::router`] serves
+    /// (see [`MetaServer::with_node_down_timeout`]).
+    #[must_use]
+    pub fn with_node_down_timeout(mut self, timeout: Duration) -> Self {
+        self.node_down_timeout = timeout;
+        self
+    }
+
     /// Initializes a new cluster with `members` (id → address). A member that
     /// is already initialized ignores this (logged).
     ///
@@ -573,7 +665,11 @@ impl MetaMember {
     #[must_use]
     pub fn router(&self) -> tonic::transport::server::Router {
         tonic::transport::Server::builder()
-            .add_service(MetaServer::new(self.raft.clone(), self.sm.clone()).into_server())
+            .add_service(
+                MetaServer::new(self.raft.clone(), self.sm.clone())
+                    .with_node_down_timeout(self.node_down_timeout)
+                    .into_server(),
+            )
             .add_service(RaftService::new(self.raft.clone()).into_server())
     }
 }

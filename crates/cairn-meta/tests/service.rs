@@ -12,8 +12,8 @@ use cairn_meta::{start_member, MetaMember};
 use cairn_proto::v1::meta_client::MetaClient;
 use cairn_proto::v1::record::Record as R;
 use cairn_proto::v1::{
-    CreateRequest, DeleteRequest, GetRequest, Key, Kind, ListRequest, Record, RemoveMemberRequest,
-    Replica, UpdateRequest, Volume,
+    CreateRequest, DeleteRequest, Disk, GetRequest, HeartbeatRequest, Key, Kind, ListRequest, Node,
+    NodeState, Record, RemoveMemberRequest, Replica, UpdateRequest, Volume,
 };
 use tempfile::TempDir;
 use tonic::transport::Channel;
@@ -27,8 +27,15 @@ struct One {
 }
 
 async fn one() -> One {
+    one_with(cairn_meta::server::DEFAULT_NODE_DOWN_TIMEOUT).await
+}
+
+async fn one_with(node_down_timeout: Duration) -> One {
     let dir = tempfile::tempdir().unwrap();
-    let member = start_member(1, dir.path()).await.unwrap();
+    let member = start_member(1, dir.path())
+        .await
+        .unwrap()
+        .with_node_down_timeout(node_down_timeout);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let incoming =
@@ -292,4 +299,115 @@ async fn remove_last_member_fails() {
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e}");
     assert!(m.member.raft.current_leader().await == Some(1));
+}
+
+fn now_ms() -> u64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    u64::try_from(d.as_millis()).unwrap()
+}
+
+fn disk(path: &str, free: u64) -> Disk {
+    Disk {
+        path: path.into(),
+        capacity_bytes: 1 << 30,
+        free_bytes: free,
+    }
+}
+
+#[tokio::test]
+async fn heartbeat_upserts_the_node() {
+    let mut m = one_with(Duration::from_millis(2500)).await;
+    let c = &mut m.client;
+    let node = Node {
+        name: "n1.example".into(),
+        address: "127.0.0.2:7000".into(),
+        zone: "z1".into(),
+        disks: vec![disk("/old", 1)],
+        state: NodeState::Down.into(),
+        state_reason: "no heartbeat".into(),
+        ..Default::default()
+    };
+    c.create(CreateRequest {
+        record: Some(Record {
+            record: Some(R::Node(node)),
+        }),
+    })
+    .await
+    .unwrap();
+
+    let before = now_ms();
+    let r = c
+        .heartbeat(HeartbeatRequest {
+            node: "n1.example".into(),
+            disks: vec![disk("/d1", 7), disk("/d2", 8)],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let after = now_ms();
+    assert_eq!(r.node_down_timeout_ms, 2500);
+    let n = r.node.unwrap();
+    assert_eq!(n.version, 2);
+    assert_eq!(n.state(), NodeState::Up);
+    assert_eq!(n.state_reason, "");
+    assert_eq!(n.zone, "z1");
+    assert_eq!(n.address, "127.0.0.2:7000");
+    assert_eq!(n.disks, vec![disk("/d1", 7), disk("/d2", 8)]);
+    assert!(
+        (before..=after).contains(&n.heartbeat_unix_ms),
+        "{before} <= {} <= {after}",
+        n.heartbeat_unix_ms
+    );
+    // The stored record is the answered one.
+    let got = c
+        .get(GetRequest {
+            key: key(Kind::Node, "n1.example"),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .record
+        .unwrap();
+    assert_eq!(got.record, Some(R::Node(n)));
+
+    // An unknown node is created from the heartbeat.
+    let r = c
+        .heartbeat(HeartbeatRequest {
+            node: "n2".into(),
+            disks: vec![disk("/d", 1)],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let n = r.node.unwrap();
+    assert_eq!((n.name.as_str(), n.version), ("n2", 1));
+    assert_eq!(n.state(), NodeState::Up);
+    assert_eq!(r.node_down_timeout_ms, 2500);
+
+    let e = c
+        .heartbeat(HeartbeatRequest {
+            node: "Bad_Node".into(),
+            disks: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("heartbeat.node"), "{e}");
+}
+
+#[tokio::test]
+async fn heartbeat_timeout_defaults_to_10s() {
+    let mut m = one().await;
+    let r = m
+        .client
+        .heartbeat(HeartbeatRequest {
+            node: "n1".into(),
+            disks: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.node_down_timeout_ms, 10_000);
 }

@@ -32,6 +32,10 @@ pub struct MetaArgs {
     /// `1=10.0.0.1:7400,2=10.0.0.2:7400,3=10.0.0.3:7400`. Must include this member.
     #[arg(long, value_parser = parse_members)]
     members: Option<BTreeMap<u64, String>>,
+    /// How long a node may go without a heartbeat before it is DOWN, e.g. `10s` or `500ms`.
+    /// Heartbeat answers it, so agents heartbeat well within it.
+    #[arg(long, default_value = "10s")]
+    node_down_timeout: humantime::Duration,
 }
 
 fn parse_members(s: &str) -> Result<BTreeMap<u64, String>, String> {
@@ -62,6 +66,9 @@ pub fn run(args: MetaArgs) -> anyhow::Result<ExitCode> {
     if args.id == 0 {
         bail!("--id must be positive");
     }
+    if args.node_down_timeout.is_zero() {
+        bail!("--node-down-timeout must be positive");
+    }
     if let Some(m) = &args.members {
         if m.get(&args.id) != Some(&args.listen) {
             bail!(
@@ -80,7 +87,8 @@ async fn serve(args: MetaArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("create {}", args.data_dir.display()))?;
     let member = cairn_meta::start_member(args.id, &args.data_dir)
         .await
-        .map_err(|e| anyhow::anyhow!("start member {}: {e}", args.id))?;
+        .map_err(|e| anyhow::anyhow!("start member {}: {e}", args.id))?
+        .with_node_down_timeout(args.node_down_timeout.into());
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listen on {}", args.listen))?;
