@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod control;
 mod dev;
 mod meta;
+mod records;
 mod replica;
 mod volume;
 
@@ -30,9 +31,13 @@ enum Command {
     /// Run a replicated volume on this machine in the foreground: replica server processes,
     /// the volume engine and an NBD export. Ctrl-C or SIGTERM stops everything.
     Dev(dev::DevArgs),
-    /// Inspect a running volume through its control endpoint.
+    /// Create, list, show and delete volumes in the metadata service (`--meta`), and inspect
+    /// a running volume through its control endpoint.
     #[command(subcommand)]
     Volume(volume::VolumeCommand),
+    /// Storage nodes registered with the metadata service.
+    #[command(subcommand)]
+    Node(records::NodeCommand),
     /// Run one member of the metadata service (Raft group + `cairn.v1.Meta` API) in the
     /// foreground.
     Meta(meta::MetaArgs),
@@ -62,6 +67,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Replica(c) => replica::run(c),
         Command::Volume(c) => volume::run(c),
+        Command::Node(c) => records::run_node(c),
         Command::Dev(a) => dev::run(a),
         Command::Meta(a) => meta::run(a),
     };

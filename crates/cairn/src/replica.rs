@@ -1,4 +1,5 @@
-//! `cairn replica ...`: serve replicas over TCP, and check a replica directory offline.
+//! `cairn replica ...`: serve replicas over TCP, check a replica directory offline, and list
+//! the replica records of the metadata service.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -54,10 +55,30 @@ pub enum ReplicaCommand {
         #[arg(long, default_value = "auto")]
         io_engine: EngineChoice,
     },
+    /// List the replica records of the metadata service: volume, node, mode and health.
+    List {
+        /// Only the replicas of this volume.
+        #[arg(long)]
+        volume: Option<String>,
+        /// Only the replicas on this node.
+        #[arg(long)]
+        node: Option<String>,
+        /// Print the replicas as a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        meta: crate::records::MetaAddr,
+    },
 }
 
 pub fn run(cmd: ReplicaCommand) -> anyhow::Result<ExitCode> {
     match cmd {
+        ReplicaCommand::List {
+            volume,
+            node,
+            json,
+            meta,
+        } => crate::records::run_replica_list(&meta, volume.as_deref(), node.as_deref(), json),
         ReplicaCommand::Serve {
             dir,
             listen,

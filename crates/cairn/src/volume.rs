@@ -1,4 +1,9 @@
-//! `cairn volume ...`: look at a running volume through the control endpoint.
+//! `cairn volume ...`: volume records in the metadata service (`create`, `list`, `get`,
+//! `delete`, through `--meta`), and a running volume looked at through the control endpoint
+//! of `cairn dev` (`status`, `verify`, `replica`, `rebuild`, `snapshot`).
+//!
+//! The record commands validate names and sizes with `cairn_proto` before any RPC, so a bad
+//! argument is refused with a message naming it even when meta is down.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -6,10 +11,59 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Subcommand;
 
+use cairn_proto::v1::{
+    record, CreateRequest, DataLocality, DeleteRequest, GetRequest, Key, Kind, Record, Volume,
+    VolumeState,
+};
+
 use crate::control::{self, ControlReply, ControlRequest, DEFAULT_ENDPOINT};
+use crate::records::{self, block_on, run_cli, status_error, user_error, MetaAddr, VolumeJson};
 
 #[derive(Debug, Subcommand)]
 pub enum VolumeCommand {
+    /// Create a volume record in meta (state `creating` until it is scheduled); prints its
+    /// name.
+    Create {
+        /// Volume name: 1-63 of [a-z0-9-], starting and ending with a letter or digit.
+        name: String,
+        /// Size, e.g. `1GiB` or `4096`: a non-zero multiple of 4096 bytes, at most 16 TiB - 4 KiB.
+        #[arg(long)]
+        size: bytesize::ByteSize,
+        /// Number of replicas, at least 1.
+        #[arg(long, default_value_t = 3)]
+        replicas: u32,
+        /// Where replicas go: `disabled` (wherever there is space) or `best-effort` (one on
+        /// the attaching node when it has room).
+        #[arg(long, default_value = "disabled")]
+        data_locality: DataLocality,
+        #[command(flatten)]
+        meta: MetaAddr,
+    },
+    /// List the volume records in meta: size, replicas, state, attachment.
+    List {
+        /// Print the volumes as a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        meta: MetaAddr,
+    },
+    /// Show one volume record; exit 1 when there is no such volume.
+    Get {
+        /// Volume name.
+        name: String,
+        /// Print the volume as a JSON object.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        meta: MetaAddr,
+    },
+    /// Delete a volume record; refused (exit 1) while the volume is attached.
+    Delete {
+        /// Volume name.
+        name: String,
+        #[command(flatten)]
+        meta: MetaAddr,
+    },
     /// Show size, epoch and every replica's address, mode (RW / WO / ERR) and counters.
     Status {
         /// Volume name.
@@ -233,8 +287,139 @@ fn wait_rw(
     }
 }
 
+/// `cairn volume create`: validate, then create the record.
+fn create(
+    name: &str,
+    size: u64,
+    replicas: u32,
+    data_locality: DataLocality,
+    meta: &MetaAddr,
+) -> anyhow::Result<ExitCode> {
+    cairn_proto::validate_name("volume name", name).map_err(|e| user_error(e.to_string()))?;
+    cairn_proto::validate_volume_size(size).map_err(|e| user_error(format!("--size: {e}")))?;
+    if replicas == 0 {
+        return Err(user_error(format!(
+            "--replicas: {}",
+            cairn_proto::ValidationError::ZeroReplicas
+        )));
+    }
+    let rec = Record {
+        record: Some(record::Record::Volume(Volume {
+            name: name.to_owned(),
+            size_bytes: size,
+            replica_count: replicas,
+            state: VolumeState::Creating as i32,
+            state_reason: "waiting for scheduling".into(),
+            data_locality: data_locality as i32,
+            ..Default::default()
+        })),
+    };
+    let addr = &meta.addr;
+    block_on(async {
+        records::client(addr)?
+            .create(CreateRequest { record: Some(rec) })
+            .await
+            .map_err(|s| match s.code() {
+                tonic::Code::AlreadyExists => user_error(format!("volume {name} already exists")),
+                _ => status_error(addr, &s),
+            })
+    })??;
+    println!("{name}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The volume record `name`; a [`records::UserError`] when there is none.
+fn get_volume(addr: &str, name: &str) -> anyhow::Result<Volume> {
+    let resp = block_on(async {
+        records::client(addr)?
+            .get(GetRequest {
+                key: Some(Key {
+                    kind: Kind::Volume as i32,
+                    name: name.to_owned(),
+                }),
+            })
+            .await
+            .map_err(|s| match s.code() {
+                tonic::Code::NotFound => user_error(format!("no volume {name}")),
+                _ => status_error(addr, &s),
+            })
+    })??;
+    match resp.into_inner().record.and_then(|r| r.record) {
+        Some(record::Record::Volume(v)) => Ok(v),
+        other => anyhow::bail!("meta answered Get of volume {name} with {other:?}"),
+    }
+}
+
+/// `cairn volume delete`: refused while attached, else deleted at the version read.
+fn delete(name: &str, meta: &MetaAddr) -> anyhow::Result<ExitCode> {
+    let addr = &meta.addr;
+    let v = get_volume(addr, name)?;
+    if !v.attached_node.is_empty() {
+        return Err(user_error(format!(
+            "volume {name} is attached to node {}; detach it first",
+            v.attached_node
+        )));
+    }
+    block_on(async {
+        records::client(addr)?
+            .delete(DeleteRequest {
+                key: Some(Key {
+                    kind: Kind::Volume as i32,
+                    name: name.to_owned(),
+                }),
+                expected_version: v.version,
+            })
+            .await
+            .map_err(|s| match s.code() {
+                tonic::Code::NotFound => user_error(format!("no volume {name}")),
+                tonic::Code::Aborted => {
+                    user_error(format!("volume {name} changed meanwhile; try again"))
+                }
+                _ => status_error(addr, &s),
+            })
+    })??;
+    println!("{name}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cairn volume list`.
+fn list(json: bool, meta: &MetaAddr) -> anyhow::Result<ExitCode> {
+    let recs = block_on(records::list(&meta.addr, Kind::Volume, None, None))??;
+    let vols: Vec<VolumeJson> = recs
+        .iter()
+        .filter_map(|r| match r {
+            record::Record::Volume(v) => Some(VolumeJson::from(v)),
+            _ => None,
+        })
+        .collect();
+    if json {
+        records::print_json(&vols)?;
+    } else {
+        records::print_volumes(&vols);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
     match cmd {
+        VolumeCommand::Create {
+            name,
+            size,
+            replicas,
+            data_locality,
+            meta,
+        } => run_cli(|| create(&name, size.as_u64(), replicas, data_locality, &meta)),
+        VolumeCommand::List { json, meta } => run_cli(|| list(json, &meta)),
+        VolumeCommand::Get { name, json, meta } => run_cli(|| {
+            let v = VolumeJson::from(&get_volume(&meta.addr, &name)?);
+            if json {
+                records::print_json(&v)?;
+            } else {
+                records::print_volume(&v);
+            }
+            Ok(ExitCode::SUCCESS)
+        }),
+        VolumeCommand::Delete { name, meta } => run_cli(|| delete(&name, &meta)),
         VolumeCommand::Status {
             volume,
             json,
