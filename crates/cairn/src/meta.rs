@@ -18,7 +18,7 @@ pub struct MetaArgs {
     id: u64,
     /// `host:port` to serve gRPC on (Meta and Raft). Other members and clients reach this
     /// member at this address, so it must not be a wildcard address.
-    #[arg(long)]
+    #[arg(long, default_value = "127.0.0.1:10811")]
     listen: String,
     /// Directory of this member's Raft log and records (created if missing). One process per
     /// directory.

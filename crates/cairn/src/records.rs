@@ -101,7 +101,20 @@ pub fn status_error(addr: &str, s: &tonic::Status) -> anyhow::Error {
         | Code::NotFound
         | Code::FailedPrecondition
         | Code::Aborted => user_error(s.message().to_owned()),
-        Code::Unavailable => anyhow::anyhow!("meta at {addr} is unavailable: {}", s.message()),
+        Code::Unavailable => {
+            // A transport failure keeps its root cause (e.g. "Connection refused") at the end
+            // of its source chain; the links in between repeat the message.
+            let mut root = None;
+            let mut src = std::error::Error::source(s);
+            while let Some(e) = src {
+                root = Some(e.to_string());
+                src = e.source();
+            }
+            match root {
+                Some(r) => anyhow::anyhow!("meta at {addr} is unavailable: {}: {r}", s.message()),
+                None => anyhow::anyhow!("meta at {addr} is unavailable: {}", s.message()),
+            }
+        }
         code => anyhow::anyhow!("meta at {addr}: {code:?}: {}", s.message()),
     }
 }
