@@ -27,6 +27,8 @@ pub mod network;
 pub mod schedule;
 pub mod server;
 mod state_machine;
+mod watch;
+mod watch_rpc;
 
 use std::io::Cursor;
 use std::path::Path;

@@ -22,11 +22,11 @@
 //! the version it read (retrying when another write came in between). An
 //! unknown node is created with just its name and disks (an upsert).
 //!
-//! Not implemented yet: Watch answers `UNIMPLEMENTED`.
+//! Watch is served by the member called, from its applied records
+//! (`watch_rpc`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -37,7 +37,7 @@ use cairn_proto::v1::{
     AddMemberRequest, CreateRequest, CreateResponse, DeleteRequest, DeleteResponse, GetRequest,
     GetResponse, HeartbeatRequest, HeartbeatResponse, Key, Kind, LeaderRequest, LeaderResponse,
     ListRequest, ListResponse, Member, MembersRequest, MembersResponse, Node, NodeState,
-    RemoveMemberRequest, UpdateRequest, UpdateResponse, WatchEvent, WatchRequest,
+    RemoveMemberRequest, UpdateRequest, UpdateResponse, WatchRequest,
 };
 use cairn_proto::{validate_node_name, validate_record, version_of, with_version};
 use openraft::error::{ClientWriteError, ForwardToLeader, RaftError};
@@ -108,7 +108,7 @@ fn kind_of_key(key: Option<&Key>) -> Result<(Kind, String), Status> {
 }
 
 #[allow(clippy::result_large_err)]
-fn kind_from(kind: i32) -> Result<Kind, Status> {
+pub(crate) fn kind_from(kind: i32) -> Result<Kind, Status> {
     match Kind::try_from(kind) {
         Ok(Kind::Unspecified) | Err(_) => Err(Status::invalid_argument(format!(
             "kind {kind} is not a record kind"
@@ -119,7 +119,7 @@ fn kind_from(kind: i32) -> Result<Kind, Status> {
 
 /// Decodes a stored record and sets its stored version.
 #[allow(clippy::result_large_err)]
-fn decode(rec: &crate::Record) -> Result<cairn_proto::v1::Record, Status> {
+pub(crate) fn decode(rec: &crate::Record) -> Result<cairn_proto::v1::Record, Status> {
     let r = cairn_proto::v1::Record::decode(rec.data.as_slice()).map_err(|e| {
         Status::internal(format!(
             "stored {} {:?} does not decode: {e}",
@@ -523,8 +523,7 @@ macro_rules! serve {
 
 #[tonic::async_trait]
 impl meta_server::Meta for MetaServer {
-    type WatchStream =
-        Pin<Box<dyn tokio_stream::Stream<Item = Result<WatchEvent, Status>> + Send + 'static>>;
+    type WatchStream = crate::watch_rpc::WatchStream;
 
     async fn create(&self, req: Request<CreateRequest>) -> Res<CreateResponse> {
         serve!(self, req, create_here, create)
@@ -546,8 +545,8 @@ impl meta_server::Meta for MetaServer {
         serve!(self, req, delete_here, delete)
     }
 
-    async fn watch(&self, _req: Request<WatchRequest>) -> Res<Self::WatchStream> {
-        Err(Status::unimplemented("Watch is not implemented yet"))
+    async fn watch(&self, req: Request<WatchRequest>) -> Res<Self::WatchStream> {
+        crate::watch_rpc::watch(&self.sm, req.get_ref()).map(Response::new)
     }
 
     async fn add_member(&self, req: Request<AddMemberRequest>) -> Res<MembersResponse> {

@@ -19,6 +19,7 @@
 #![allow(clippy::result_large_err)]
 
 use std::io::Cursor;
+use std::sync::Arc;
 
 use openraft::storage::RaftStateMachine;
 use openraft::{
@@ -29,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
 use crate::command::{decide, Write};
+use crate::watch::{WatchHub, HISTORY};
 use crate::{CommandResult, MetaError, NodeId, Record, TypeConfig};
 
 const TREE_RECORDS: &str = "records";
@@ -51,6 +53,7 @@ pub struct StateMachineStore {
     records: sled::Tree,
     sm: sled::Tree,
     snapshot: sled::Tree,
+    hub: Arc<WatchHub>,
 }
 
 /// Builds a snapshot from the copy of the state taken by
@@ -144,12 +147,21 @@ fn tx_err<E: std::error::Error + 'static>(e: TransactionError<E>) -> StorageErro
 
 impl StateMachineStore {
     pub(crate) fn new(db: &sled::Db) -> Result<Self, MetaError> {
-        Ok(Self {
+        let mut store = Self {
             db: db.clone(),
             records: db.open_tree(TREE_RECORDS)?,
             sm: db.open_tree(TREE_SM)?,
             snapshot: db.open_tree(TREE_SNAPSHOT)?,
-        })
+            hub: Arc::new(WatchHub::new(0, HISTORY)),
+        };
+        let applied = store.last_applied()?.map_or(0, |l| l.index);
+        store.hub = Arc::new(WatchHub::new(applied, HISTORY));
+        Ok(store)
+    }
+
+    /// The change feed of these records.
+    pub(crate) fn hub(&self) -> &Arc<WatchHub> {
+        &self.hub
     }
 
     /// The applied record `(kind, name)`, if it exists.
@@ -209,8 +221,9 @@ impl StateMachineStore {
             ),
             _ => None,
         };
-        (&self.records, &self.sm)
-            .transaction(|(records, sm)| {
+        let write = || {
+            (&self.records, &self.sm).transaction(|(records, sm)| {
+                let mut changes = Vec::new();
                 let result = match &entry.payload {
                     EntryPayload::Normal(cmd) => {
                         let mut lookup =
@@ -233,9 +246,23 @@ impl StateMachineStore {
                                         record_key(&kind, &name),
                                         record_value(version, &data),
                                     )?;
+                                    changes.push((
+                                        false,
+                                        Record {
+                                            kind,
+                                            name,
+                                            version,
+                                            data,
+                                        },
+                                    ));
                                 }
                                 Write::Delete { kind, name } => {
-                                    records.remove(record_key(&kind, &name))?;
+                                    let key = record_key(&kind, &name);
+                                    if let Some(old) = records.remove(key.as_slice())? {
+                                        let old = decode_record(&key, &old)
+                                            .map_err(ConflictableTransactionError::Abort)?;
+                                        changes.push((true, old));
+                                    }
                                 }
                             }
                         }
@@ -247,8 +274,11 @@ impl StateMachineStore {
                 if let Some(m) = &membership {
                     sm.insert(KEY_MEMBERSHIP, m.as_slice())?;
                 }
-                Ok(result)
+                Ok((result, changes))
             })
+        };
+        self.hub
+            .publish(entry.log_id.index, write)
             .map_err(tx_err::<MetaError>)
     }
 
@@ -387,8 +417,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             .keys()
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| snap_err(&e))?;
-        (&self.records, &self.sm, &self.snapshot)
-            .transaction(|(records, sm, snap)| {
+        let installed = meta.last_log_id.map_or(0, |l| l.index);
+        let install = || {
+            (&self.records, &self.sm, &self.snapshot).transaction(|(records, sm, snap)| {
                 for k in &old_keys {
                     records.remove(k.clone())?;
                 }
@@ -404,6 +435,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 snap.insert(KEY_SNAP_DATA, bytes.as_slice())?;
                 Ok::<_, ConflictableTransactionError<MetaError>>(())
             })
+        };
+        self.hub
+            .reset(installed, install)
             .map_err(tx_err::<MetaError>)?;
         self.db.flush_async().await.map_err(write_err)?;
         Ok(())

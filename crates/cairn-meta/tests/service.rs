@@ -1,6 +1,9 @@
 //! The `cairn.v1.Meta` service of one in-process member on a loopback port,
 //! driven by the generated client: the gRPC status code of each kind of
 //! failure, List filters, Heartbeat and Watch.
+//!
+//! Watch streams are read with a timeout, so a missing event fails the test
+//! instead of hanging it.
 
 // tonic's calls return `tonic::Status` by value; the helpers pass it on.
 #![allow(clippy::result_large_err)]
@@ -12,8 +15,9 @@ use cairn_meta::{start_member, MetaMember};
 use cairn_proto::v1::meta_client::MetaClient;
 use cairn_proto::v1::record::Record as R;
 use cairn_proto::v1::{
-    CreateRequest, DeleteRequest, Disk, GetRequest, HeartbeatRequest, Key, Kind, ListRequest, Node,
-    NodeState, Record, RemoveMemberRequest, Replica, UpdateRequest, Volume,
+    CreateRequest, DeleteRequest, Disk, EventType, GetRequest, HeartbeatRequest, Key, Kind,
+    ListRequest, Node, NodeState, Record, RemoveMemberRequest, Replica, UpdateRequest, Volume,
+    WatchEvent, WatchRequest,
 };
 use tempfile::TempDir;
 use tonic::transport::Channel;
@@ -410,4 +414,170 @@ async fn heartbeat_timeout_defaults_to_10s() {
         .unwrap()
         .into_inner();
     assert_eq!(r.node_down_timeout_ms, 10_000);
+}
+
+const EVENT_WAIT: Duration = Duration::from_secs(10);
+
+async fn next(s: &mut tonic::Streaming<WatchEvent>) -> WatchEvent {
+    tokio::time::timeout(EVENT_WAIT, s.message())
+        .await
+        .expect("no event in time")
+        .unwrap()
+        .expect("stream ended")
+}
+
+/// (type, name, version) of an event.
+fn summary(e: &WatchEvent) -> (EventType, String, u64) {
+    let r = e.record.as_ref().unwrap();
+    (
+        e.r#type(),
+        cairn_proto::name_of(r).unwrap().to_owned(),
+        cairn_proto::version_of(r).unwrap(),
+    )
+}
+
+async fn watch(
+    c: &mut MetaClient<Channel>,
+    kinds: &[Kind],
+    from: u64,
+) -> tonic::Streaming<WatchEvent> {
+    c.watch(WatchRequest {
+        kinds: kinds.iter().map(|k| i32::from(*k)).collect(),
+        from_revision: from,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+#[tokio::test]
+async fn watch_sees_changes_in_order_and_resumes() {
+    let m = one().await;
+    let mut c = m.client.clone();
+    c.create(CreateRequest {
+        record: Some(volume("pre", 4096)),
+    })
+    .await
+    .unwrap();
+    let listed = c
+        .list(ListRequest {
+            kind: Kind::Volume.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // From 0: the current volumes at the current revision, then changes.
+    let mut w = watch(&mut c, &[Kind::Volume], 0).await;
+    let e = next(&mut w).await;
+    assert_eq!(summary(&e), (EventType::Put, "pre".into(), 1));
+    assert_eq!(e.revision, listed.revision);
+
+    c.create(CreateRequest {
+        record: Some(volume("v1", 4096)),
+    })
+    .await
+    .unwrap();
+    c.create(CreateRequest {
+        record: Some(replica("r1", "v1", "n1")),
+    })
+    .await
+    .unwrap();
+    c.update(UpdateRequest {
+        record: Some(with_version(volume("v1", 8192), 1)),
+    })
+    .await
+    .unwrap();
+    c.delete(DeleteRequest {
+        key: key(Kind::Volume, "v1"),
+        expected_version: 0,
+    })
+    .await
+    .unwrap();
+    c.create(CreateRequest {
+        record: Some(volume("v2", 4096)),
+    })
+    .await
+    .unwrap();
+
+    let want = [
+        (EventType::Put, "v1".to_owned(), 1),
+        (EventType::Put, "v1".to_owned(), 2),
+        (EventType::Delete, "v1".to_owned(), 2),
+        (EventType::Put, "v2".to_owned(), 1),
+    ];
+    let mut seen = Vec::new();
+    for _ in 0..want.len() {
+        seen.push(next(&mut w).await);
+    }
+    assert_eq!(seen.iter().map(summary).collect::<Vec<_>>(), want);
+    let revs: Vec<u64> = seen.iter().map(|e| e.revision).collect();
+    assert!(revs[0] > listed.revision, "{revs:?}");
+    assert!(revs.windows(2).all(|w| w[0] < w[1]), "{revs:?}");
+    // The deleted record comes with its last value.
+    match seen[2].record.as_ref().unwrap().record.as_ref() {
+        Some(R::Volume(v)) => assert_eq!(v.size_bytes, 8192),
+        other => panic!("{other:?}"),
+    }
+
+    // Resume from the update: the same events again, same revisions.
+    let mut again = watch(&mut c, &[Kind::Volume], revs[1]).await;
+    for e in &seen[1..] {
+        assert_eq!(&next(&mut again).await, e);
+    }
+    // All kinds from the first create: the replica is in between.
+    let mut all = watch(&mut c, &[], revs[0]).await;
+    let first_two: Vec<_> = [next(&mut all).await, next(&mut all).await]
+        .iter()
+        .map(summary)
+        .collect();
+    assert_eq!(
+        first_two,
+        [
+            (EventType::Put, "v1".to_owned(), 1),
+            (EventType::Put, "r1".to_owned(), 1)
+        ]
+    );
+
+    // Live changes reach every open stream.
+    c.heartbeat(HeartbeatRequest {
+        node: "n1".into(),
+        disks: vec![],
+    })
+    .await
+    .unwrap();
+    c.create(CreateRequest {
+        record: Some(volume("v3", 4096)),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        summary(&next(&mut w).await),
+        (EventType::Put, "v3".into(), 1)
+    );
+    assert_eq!(
+        summary(&next(&mut again).await),
+        (EventType::Put, "v3".into(), 1)
+    );
+    for _ in 0..3 {
+        next(&mut all).await; // update, delete, v2
+    }
+    assert_eq!(
+        summary(&next(&mut all).await),
+        (EventType::Put, "n1".into(), 1)
+    );
+    assert_eq!(
+        summary(&next(&mut all).await),
+        (EventType::Put, "v3".into(), 1)
+    );
+
+    let e = c
+        .watch(WatchRequest {
+            kinds: vec![Kind::Unspecified.into()],
+            from_revision: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
 }
