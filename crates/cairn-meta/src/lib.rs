@@ -21,6 +21,7 @@
 //! Assumes: one process opens a member directory at a time (sled locks it).
 
 mod command;
+pub mod controller;
 mod error;
 mod log_store;
 pub mod network;

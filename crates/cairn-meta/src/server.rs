@@ -595,6 +595,9 @@ pub struct MetaMember {
     /// Its applied records.
     pub sm: StateMachineStore,
     node_down_timeout: Duration,
+    /// Settings of the controller loop (`crate::controller`); dropping the
+    /// member ends the loop.
+    controller: tokio::sync::watch::Sender<crate::controller::Settings>,
 }
 
 /// The Raft timing of meta members: heartbeats every 100 ms, an election
@@ -621,10 +624,16 @@ pub async fn start_member(
     let (log, sm) = open_store(dir)?;
     let config = Arc::new(raft_config().validate()?);
     let raft = Raft::new(id, config, Network::new(id), log, sm.clone()).await?;
+    let (controller, settings) = tokio::sync::watch::channel(crate::controller::Settings {
+        tick: crate::controller::DEFAULT_TICK,
+        node_down_timeout: DEFAULT_NODE_DOWN_TIMEOUT,
+    });
+    crate::controller::spawn(raft.clone(), sm.clone(), settings);
     Ok(MetaMember {
         raft,
         sm,
         node_down_timeout: DEFAULT_NODE_DOWN_TIMEOUT,
+        controller,
     })
 }
 
@@ -634,6 +643,16 @@ impl MetaMember {
     #[must_use]
     pub fn with_node_down_timeout(mut self, timeout: Duration) -> Self {
         self.node_down_timeout = timeout;
+        self.controller
+            .send_modify(|s| s.node_down_timeout = timeout);
+        self
+    }
+
+    /// Sets the time between two ticks of the controller loop (default
+    /// [`crate::controller::DEFAULT_TICK`]).
+    #[must_use]
+    pub fn with_controller_tick(self, tick: Duration) -> Self {
+        self.controller.send_modify(|s| s.tick = tick);
         self
     }
 
