@@ -8,56 +8,30 @@
 // tonic's calls return `tonic::Status` by value; the helpers pass it on.
 #![allow(clippy::result_large_err)]
 
-use std::collections::{BTreeMap, BTreeSet};
+mod common;
+
+use std::collections::BTreeSet;
 use std::time::Duration;
 
-use cairn_meta::{start_member, MetaMember};
 use cairn_proto::v1::meta_client::MetaClient;
 use cairn_proto::v1::record::Record as R;
 use cairn_proto::v1::{
     CreateRequest, Disk, GetRequest, HeartbeatRequest, Key, Kind, ListRequest, Node, NodeState,
     Record, Replica, ReplicaHealth, ReplicaMode, Volume, VolumeState,
 };
-use tempfile::TempDir;
 use tonic::transport::Channel;
+
+use common::One;
 
 const GIB: u64 = 1 << 30;
 const TICK: Duration = Duration::from_millis(100);
 
-struct One {
-    client: MetaClient<Channel>,
-    _member: MetaMember,
-    _dir: TempDir,
-}
-
 async fn one(node_down_timeout: Duration) -> One {
-    let dir = tempfile::tempdir().unwrap();
-    let member = start_member(1, dir.path())
-        .await
-        .unwrap()
-        .with_node_down_timeout(node_down_timeout)
-        .with_controller_tick(TICK);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let incoming =
-        tonic::transport::server::TcpIncoming::from_listener(listener, true, None).unwrap();
-    tokio::spawn(member.router().serve_with_incoming(incoming));
-    member
-        .initialize(&BTreeMap::from([(1, addr.clone())]))
-        .await
-        .unwrap();
-    member
-        .raft
-        .wait(Some(Duration::from_secs(10)))
-        .current_leader(1, "leader elected")
-        .await
-        .unwrap();
-    let client = MetaClient::connect(format!("http://{addr}")).await.unwrap();
-    One {
-        client,
-        _member: member,
-        _dir: dir,
-    }
+    common::one(|m| {
+        m.with_node_down_timeout(node_down_timeout)
+            .with_controller_tick(TICK)
+    })
+    .await
 }
 
 async fn heartbeat(client: &mut MetaClient<Channel>, node: &str) {

@@ -8,10 +8,10 @@
 // tonic's calls return `tonic::Status` by value; the helpers pass it on.
 #![allow(clippy::result_large_err)]
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::time::Duration;
 
-use cairn_meta::{start_member, MetaMember};
 use cairn_proto::v1::meta_client::MetaClient;
 use cairn_proto::v1::record::Record as R;
 use cairn_proto::v1::{
@@ -19,48 +19,17 @@ use cairn_proto::v1::{
     ListRequest, Node, NodeState, Record, RemoveMemberRequest, Replica, UpdateRequest, Volume,
     WatchEvent, WatchRequest,
 };
-use tempfile::TempDir;
 use tonic::transport::Channel;
 use tonic::Code;
 
-/// One initialized single-member cluster and a client of it.
-struct One {
-    client: MetaClient<Channel>,
-    member: MetaMember,
-    _dir: TempDir,
-}
+use common::One;
 
 async fn one() -> One {
     one_with(cairn_meta::server::DEFAULT_NODE_DOWN_TIMEOUT).await
 }
 
 async fn one_with(node_down_timeout: Duration) -> One {
-    let dir = tempfile::tempdir().unwrap();
-    let member = start_member(1, dir.path())
-        .await
-        .unwrap()
-        .with_node_down_timeout(node_down_timeout);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let incoming =
-        tonic::transport::server::TcpIncoming::from_listener(listener, true, None).unwrap();
-    tokio::spawn(member.router().serve_with_incoming(incoming));
-    member
-        .initialize(&BTreeMap::from([(1, addr.clone())]))
-        .await
-        .unwrap();
-    member
-        .raft
-        .wait(Some(Duration::from_secs(10)))
-        .current_leader(1, "leader elected")
-        .await
-        .unwrap();
-    let client = MetaClient::connect(format!("http://{addr}")).await.unwrap();
-    One {
-        client,
-        member,
-        _dir: dir,
-    }
+    common::one(|m| m.with_node_down_timeout(node_down_timeout)).await
 }
 
 fn volume(name: &str, size: u64) -> Record {

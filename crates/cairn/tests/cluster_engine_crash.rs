@@ -11,6 +11,33 @@ use std::time::Duration;
 
 use common::*;
 
+/// Waits until fio (writing through `dev`) has had 2000 more writes acknowledged, then
+/// SIGKILLs `cairn dev` and waits for its replica servers to die with it.
+fn kill_engine_mid_write(dev: Dev, fio: Proc) {
+    let writes = |dev: &Dev| {
+        replica_status(&dev.status(), "r1")["writes"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = writes(&dev);
+    wait_until(
+        "fio to have written 2000 times",
+        Duration::from_secs(60),
+        || writes(&dev) > before + 2000,
+    );
+    let replicas = children_of(dev.pid());
+    send_signal(dev.pid(), libc::SIGKILL);
+    for pid in replicas {
+        wait_until(
+            &format!("replica server {pid} to die with cairn dev"),
+            Duration::from_secs(10),
+            || !proc_alive(pid),
+        );
+    }
+    drop(dev);
+    drop(fio);
+}
+
 #[test]
 fn engine_killed_mid_write_restarts_with_identical_replicas() {
     if !enter_private_netns() || !have_tools(&["fio"]) {
@@ -46,28 +73,7 @@ fn engine_killed_mid_write_restarts_with_identical_replicas() {
             ]),
             "fio writing while the engine is killed",
         );
-        let writes = |dev: &Dev| {
-            replica_status(&dev.status(), "r1")["writes"]
-                .as_u64()
-                .unwrap_or(0)
-        };
-        let before = writes(&dev);
-        wait_until(
-            "fio to have written 2000 times",
-            Duration::from_secs(60),
-            || writes(&dev) > before + 2000,
-        );
-        let replicas = children_of(dev.pid());
-        send_signal(dev.pid(), libc::SIGKILL);
-        for pid in replicas {
-            wait_until(
-                &format!("replica server {pid} to die with cairn dev"),
-                Duration::from_secs(10),
-                || !proc_alive(pid),
-            );
-        }
-        drop(dev);
-        drop(fio);
+        kill_engine_mid_write(dev, fio);
     }
     let dev = Dev::start(&dir, "5s");
     dev.assert_verified("replicas after the last engine crash");
@@ -122,28 +128,7 @@ fn crash_resync_is_bounded_by_the_writes_in_flight() {
         ]),
         "fio writing 16 MiB while the engine is killed",
     );
-    let writes = |dev: &Dev| {
-        replica_status(&dev.status(), "r1")["writes"]
-            .as_u64()
-            .unwrap_or(0)
-    };
-    let before = writes(&dev);
-    wait_until(
-        "fio to have written 2000 times",
-        Duration::from_secs(60),
-        || writes(&dev) > before + 2000,
-    );
-    let replicas = children_of(dev.pid());
-    send_signal(dev.pid(), libc::SIGKILL);
-    for pid in replicas {
-        wait_until(
-            &format!("replica server {pid} to die with cairn dev"),
-            Duration::from_secs(10),
-            || !proc_alive(pid),
-        );
-    }
-    drop(dev);
-    drop(fio);
+    kill_engine_mid_write(dev, fio);
 
     let dev = Dev::start(&dir, "5s");
     let status = dev.status();
