@@ -24,3 +24,25 @@ for d, _, files in os.walk(sys.argv[1]):
             os.close(fd)
 PY
 }
+
+# True while PID $1 exists and is not a zombie.
+alive() {
+    local s
+    s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    s=${s##*) }
+    [ "${s%% *}" != Z ]
+}
+# stop_pid PID: SIGTERM, up to 20 s for it to exit, then SIGKILL; reaps it if it is our child.
+stop_pid() {
+    local pid=$1 i
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 400; i++)); do
+        alive "$pid" || break
+        sleep 0.05
+    done
+    if alive "$pid"; then
+        log "pid $pid did not stop on SIGTERM; killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}

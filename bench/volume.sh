@@ -60,27 +60,6 @@ done
 
 # --- processes we start, and their teardown -----------------------------------------------
 declare -A PID URI FD
-# True while PID $1 exists and is not a zombie.
-alive() {
-    local s
-    s=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-    s=${s##*) }
-    [ "${s%% *}" != Z ]
-}
-# stop_pid PID: SIGTERM, up to 20 s for it to exit, then SIGKILL; reaps it if it is our child.
-stop_pid() {
-    local pid=$1 i
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 400; i++)); do
-        alive "$pid" || break
-        sleep 0.05
-    done
-    if alive "$pid"; then
-        log "pid $pid did not stop on SIGTERM; killing it"
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-}
 # Replica server pids of a `cairn dev` target (its own children, written to its data dir).
 replica_pids() {
     local f
