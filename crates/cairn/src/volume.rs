@@ -211,6 +211,12 @@ pub enum RebuildCommand {
 }
 
 /// Sends a request that changes something; prints what was done.
+/// Sends a request that changes something and prints what was done.
+fn report_change(endpoint: SocketAddr, req: &ControlRequest) -> anyhow::Result<ExitCode> {
+    println!("{}", change(endpoint, req)?);
+    Ok(ExitCode::SUCCESS)
+}
+
 fn change(endpoint: SocketAddr, req: &ControlRequest) -> anyhow::Result<String> {
     match control::call(endpoint, req)? {
         ControlReply::Done(what) => Ok(what),
@@ -541,11 +547,7 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
             volume,
             replica,
             endpoint,
-        }) => {
-            let what = change(endpoint, &ControlRequest::ReplicaRemove { volume, replica })?;
-            println!("{what}");
-            Ok(ExitCode::SUCCESS)
-        }
+        }) => report_change(endpoint, &ControlRequest::ReplicaRemove { volume, replica }),
         VolumeCommand::Rebuild(RebuildCommand::Wait {
             volume,
             replica,
@@ -556,42 +558,22 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
             volume,
             replica,
             endpoint,
-        }) => {
-            let what = change(endpoint, &ControlRequest::RebuildCancel { volume, replica })?;
-            println!("{what}");
-            Ok(ExitCode::SUCCESS)
-        }
+        }) => report_change(endpoint, &ControlRequest::RebuildCancel { volume, replica }),
         VolumeCommand::Rebuild(RebuildCommand::Start {
             volume,
             replica,
             endpoint,
-        }) => {
-            let what = change(endpoint, &ControlRequest::RebuildStart { volume, replica })?;
-            println!("{what}");
-            Ok(ExitCode::SUCCESS)
-        }
+        }) => report_change(endpoint, &ControlRequest::RebuildStart { volume, replica }),
         VolumeCommand::Snapshot(SnapshotCommand::Create {
             volume,
             name,
             endpoint,
-        }) => {
-            println!(
-                "{}",
-                change(endpoint, &ControlRequest::SnapshotCreate { volume, name })?
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        }) => report_change(endpoint, &ControlRequest::SnapshotCreate { volume, name }),
         VolumeCommand::Snapshot(SnapshotCommand::Delete {
             volume,
             name,
             endpoint,
-        }) => {
-            println!(
-                "{}",
-                change(endpoint, &ControlRequest::SnapshotDelete { volume, name })?
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        }) => report_change(endpoint, &ControlRequest::SnapshotDelete { volume, name }),
         VolumeCommand::Snapshot(SnapshotCommand::List { volume, endpoint }) => {
             match control::call(endpoint, &ControlRequest::SnapshotList { volume })? {
                 ControlReply::Snapshots(list) => {
@@ -616,8 +598,7 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                 volume,
                 bytes_per_sec: rate.as_u64(),
             };
-            println!("{}", change(endpoint, &req)?);
-            Ok(ExitCode::SUCCESS)
+            report_change(endpoint, &req)
         }
     }
 }
