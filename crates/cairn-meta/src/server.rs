@@ -387,6 +387,16 @@ impl MetaServer {
             };
             node.version = 0;
             node.disks.clone_from(&req.disks);
+            for (field, given) in [
+                (&mut node.address, &req.address),
+                (&mut node.zone, &req.zone),
+                (&mut node.nbd_address, &req.nbd_address),
+                (&mut node.control_address, &req.control_address),
+            ] {
+                if !given.is_empty() {
+                    field.clone_from(given);
+                }
+            }
             node.state = NodeState::Up.into();
             node.state_reason.clear();
             node.heartbeat_unix_ms = now_unix_ms();

@@ -43,6 +43,7 @@ async fn heartbeat(client: &mut MetaClient<Channel>, node: &str) {
                 capacity_bytes: 100 * GIB,
                 free_bytes: 100 * GIB,
             }],
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -315,6 +315,7 @@ async fn heartbeat_upserts_the_node() {
         .heartbeat(HeartbeatRequest {
             node: "n1.example".into(),
             disks: vec![disk("/d1", 7), disk("/d2", 8)],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -350,6 +351,7 @@ async fn heartbeat_upserts_the_node() {
         .heartbeat(HeartbeatRequest {
             node: "n2".into(),
             disks: vec![disk("/d", 1)],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -363,6 +365,7 @@ async fn heartbeat_upserts_the_node() {
         .heartbeat(HeartbeatRequest {
             node: "Bad_Node".into(),
             disks: vec![],
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -378,6 +381,7 @@ async fn heartbeat_timeout_defaults_to_10s() {
         .heartbeat(HeartbeatRequest {
             node: "n1".into(),
             disks: vec![],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -513,6 +517,7 @@ async fn watch_sees_changes_in_order_and_resumes() {
     c.heartbeat(HeartbeatRequest {
         node: "n1".into(),
         disks: vec![],
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -129,6 +129,8 @@ mod tests {
             version: 7,
             address: "127.0.0.2:7000".into(),
             zone: "zone-a".into(),
+            nbd_address: "127.0.0.2:10809".into(),
+            control_address: "127.0.0.2:10810".into(),
             disks: vec![
                 Disk {
                     path: "/var/lib/cairn/d0".into(),
