@@ -117,7 +117,7 @@ first_line() {
 start_dev() {
     local fifo=$WORK/dev.stdout fd i
     mkfifo "$fifo"
-    "$CAIRN" --log info dev --data-dir "$DEV" --size "${SIZE}B" --replica-ips "$REPLICA_IPS" \
+    "$CAIRN" --log info dev --standalone --data-dir "$DEV" --size "${SIZE}B" --replica-ips "$REPLICA_IPS" \
         --nbd-listen "$NBD_ADDR" --control-listen "$CONTROL_ADDR" \
         >"$fifo" 2>"$WORK/dev.log" &
     PID[dev]=$!

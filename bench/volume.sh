@@ -141,7 +141,7 @@ start_nbdkit() {
 start_cairn() {
     local name=$1 n=$2 port=$3 cport=$4 fifo=$WORK/$1.stdout line fd
     mkfifo "$fifo"
-    "$CAIRN" --log warn dev --data-dir "$WORK/$name" --replicas "$n" --size "${SIZE}B" \
+    "$CAIRN" --log warn dev --standalone --data-dir "$WORK/$name" --replicas "$n" --size "${SIZE}B" \
         --nbd-listen "127.0.0.1:$port" --control-listen "127.0.0.1:$cport" \
         >"$fifo" 2>"$WORK/$name.log" &
     PID[$name]=$!
@@ -331,7 +331,7 @@ python3 "$ROOT/bench/volume_report.py" \
     --fact "raw file=fio --ioengine=io_uring --direct=0 --invalidate=0 --fadvise_hint=0 --filename=raw.img" \
     --fact "qemu-nbd flags=qemu-nbd -f raw -x vol -b 127.0.0.1 -p PORT -t --pid-file=PIDFILE $QEMU_NBD_FLAGS qemu.img" \
     --fact "nbdkit flags=nbdkit -f -i 127.0.0.1 -p PORT -P PIDFILE ${NBDKIT_FLAGS:+$NBDKIT_FLAGS }file nbdkit.img (plugin defaults: cache=default, fadvise=normal)" \
-    --fact "cairn flags=cairn --log warn dev --data-dir DIR --replicas N --size ${SIZE}B --nbd-listen 127.0.0.1:P --control-listen 127.0.0.1:P2 (defaults: --io-engine auto, --io-timeout 5s)" \
+    --fact "cairn flags=cairn --log warn dev --standalone --data-dir DIR --replicas N --size ${SIZE}B --nbd-listen 127.0.0.1:P --control-listen 127.0.0.1:P2 (defaults: --io-engine auto, --io-timeout 5s)" \
     --fact "fio over NBD=--ioengine=nbd --uri=URI --numjobs=1: one NBD connection (fio's nbd engine opens one connection per job), iodepth requests in flight on it" \
     --fact "fio common=--size=$SIZE --norandommap --time_based --runtime=$SECONDS_RUN --ramp_time=$RAMP --lat_percentiles=1" \
     --fact "volume / file size=$SIZE bytes" \

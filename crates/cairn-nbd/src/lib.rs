@@ -140,9 +140,10 @@ impl<D: BlockDevice> Export<D> {
     }
 }
 
-/// An NBD server with a fixed set of named exports.
+/// An NBD server with a set of named exports, which may change while it serves: a client
+/// sees the exports as they are when its handshake starts.
 pub struct NbdServer<D: BlockDevice> {
-    exports: Vec<Export<D>>,
+    exports: std::sync::RwLock<Vec<Export<D>>>,
 }
 
 impl<D: BlockDevice> Default for NbdServer<D> {
@@ -155,7 +156,7 @@ impl<D: BlockDevice> NbdServer<D> {
     /// A server with no exports.
     pub fn new() -> Self {
         NbdServer {
-            exports: Vec::new(),
+            exports: std::sync::RwLock::new(Vec::new()),
         }
     }
 
@@ -164,19 +165,42 @@ impl<D: BlockDevice> NbdServer<D> {
     /// # Panics
     /// If `name` is already exported, or is longer than the protocol's 4096-byte limit.
     pub fn add_export(&mut self, name: &str, description: &str, dev: Arc<D>) {
-        assert!(
-            name.len() <= proto::MAX_STRING_LEN && description.len() <= proto::MAX_STRING_LEN,
-            "NBD export name and description are limited to 4096 bytes"
-        );
-        assert!(
-            self.exports.iter().all(|e| e.name != name),
-            "NBD export {name:?} added twice"
-        );
-        self.exports.push(Export {
+        if let Err(e) = self.insert_export(name, description, dev) {
+            panic!("{e}");
+        }
+    }
+
+    /// Adds an export to a running server; new handshakes see it. Refused when `name` is
+    /// already exported or a string is longer than the protocol's 4096-byte limit.
+    pub fn insert_export(&self, name: &str, description: &str, dev: Arc<D>) -> Result<(), String> {
+        if name.len() > proto::MAX_STRING_LEN || description.len() > proto::MAX_STRING_LEN {
+            return Err("NBD export name and description are limited to 4096 bytes".into());
+        }
+        let mut exports = self.exports.write().unwrap_or_else(|p| p.into_inner());
+        if exports.iter().any(|e| e.name == name) {
+            return Err(format!("NBD export {name:?} added twice"));
+        }
+        exports.push(Export {
             name: name.to_owned(),
             description: description.to_owned(),
             dev,
         });
+        Ok(())
+    }
+
+    /// Removes an export; new handshakes no longer see it (connections already in
+    /// transmission keep their device). Returns whether it existed.
+    pub fn remove_export(&self, name: &str) -> bool {
+        let mut exports = self.exports.write().unwrap_or_else(|p| p.into_inner());
+        let before = exports.len();
+        exports.retain(|e| e.name != name);
+        exports.len() != before
+    }
+
+    /// Names of the current exports, in the order they were added.
+    pub fn export_names(&self) -> Vec<String> {
+        let exports = self.exports.read().unwrap_or_else(|p| p.into_inner());
+        exports.iter().map(|e| e.name.clone()).collect()
     }
 
     /// Accepts connections until the listener fails, serving each in its own task. Transient
@@ -225,7 +249,13 @@ impl<D: BlockDevice> NbdServer<D> {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
-        let metas: Vec<ExportMeta> = self.exports.iter().map(Export::meta).collect();
+        let (metas, devs): (Vec<ExportMeta>, Vec<Arc<D>>) = {
+            let exports = self.exports.read().unwrap_or_else(|p| p.into_inner());
+            exports
+                .iter()
+                .map(|e| (e.meta(), Arc::clone(&e.dev)))
+                .unzip()
+        };
         let mut io = BufStream::with_capacity(IO_BUF, IO_BUF, stream);
         let Some((idx, neg)) = handshake::negotiate(&mut io, &metas).await? else {
             return Ok(());
@@ -233,7 +263,7 @@ impl<D: BlockDevice> NbdServer<D> {
         let meta = &metas[idx];
         tracing::debug!(export = %meta.name, structured = neg.structured(), "transmission");
         let session = transmission::Session {
-            dev: Arc::clone(&self.exports[idx].dev),
+            dev: Arc::clone(&devs[idx]),
             limits: Limits {
                 size: meta.size,
                 block: meta.block,

@@ -205,6 +205,13 @@ impl Server {
         self.listener.local_addr()
     }
 
+    /// A handle that can close replicas while the server runs.
+    pub fn handle(&self) -> ServerHandle {
+        ServerHandle {
+            registry: self.registry.clone(),
+        }
+    }
+
     /// The I/O backend in use.
     pub fn backend(&self) -> Backend {
         self.backend
@@ -233,6 +240,32 @@ impl Server {
                 .spawn(move || conn::serve_connection(stream, registry, &config))?;
         }
         Ok(())
+    }
+}
+
+/// Closes replicas of a running server (see [`Server::handle`]).
+#[derive(Clone)]
+pub struct ServerHandle {
+    registry: Arc<Registry>,
+}
+
+impl ServerHandle {
+    /// Forgets the open replica `volume/replica_id` so that its directory can be removed: the
+    /// next Hello for that name opens (or creates) it afresh. Connections attached to it keep
+    /// their handle until they close. Returns whether it was open.
+    pub fn close(&self, volume: &str, replica_id: &str) -> bool {
+        let mut map = self
+            .registry
+            .replicas
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        map.remove(&(volume.to_owned(), replica_id.to_owned()))
+            .is_some()
+    }
+
+    /// Directory of replica `volume/replica_id`.
+    pub fn path(&self, volume: &str, replica_id: &str) -> PathBuf {
+        self.registry.path(volume, replica_id)
     }
 }
 

@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use cairn_engine::{Engine, VolumeStatus};
+use cairn_engine::VolumeStatus;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -96,20 +96,21 @@ pub enum ControlReply {
     Error(String),
 }
 
-/// Serves the endpoint for one volume until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, volume: String, engine: Arc<Engine>) {
+pub use cairn_agent::Engines;
+
+/// Serves the endpoint for the volumes in `engines` until the task is dropped.
+pub async fn serve(listener: tokio::net::TcpListener, engines: Arc<Engines>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let engine = engine.clone();
-        let volume = volume.clone();
+        let engines = engines.clone();
         tokio::spawn(async move {
             let (rd, mut wr) = stream.into_split();
             let mut lines = BufReader::new(rd).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 let reply = match serde_json::from_str::<ControlRequest>(&line) {
-                    Ok(req) => handle(req, &volume, &engine).await,
+                    Ok(req) => handle(req, &engines).await,
                     Err(e) => ControlReply::Error(format!("bad request: {e}")),
                 };
                 let mut out = serde_json::to_string(&reply)
@@ -123,10 +124,30 @@ pub async fn serve(listener: tokio::net::TcpListener, volume: String, engine: Ar
     }
 }
 
-async fn handle(req: ControlRequest, volume: &str, engine: &Engine) -> ControlReply {
+async fn handle(req: ControlRequest, engines: &Engines) -> ControlReply {
     let asked = req.volume();
-    if asked != volume {
-        return ControlReply::Error(format!("no volume {asked:?} here (this is {volume:?})"));
+    let Some(engine) = engines.get(asked) else {
+        let here = engines.names();
+        return ControlReply::Error(if here.is_empty() {
+            format!("no volume {asked:?} here (no volume is attached to this node)")
+        } else {
+            format!(
+                "no volume {asked:?} here (this node serves {})",
+                here.join(", ")
+            )
+        });
+    };
+    if engines.is_managed()
+        && matches!(
+            req,
+            ControlRequest::ReplicaAdd { .. } | ControlRequest::ReplicaRemove { .. }
+        )
+    {
+        return ControlReply::Error(
+            "replicas of this volume are placed by the metadata service; change the volume's \
+             replica count there instead"
+                .into(),
+        );
     }
     match req {
         ControlRequest::Status { .. } => match serde_json::to_value(engine.status()) {

@@ -29,56 +29,76 @@ use crate::control;
 
 #[derive(Debug, Clone, Args)]
 pub struct DevArgs {
+    /// Number of metadata service members to start (1, 3 or 5), on 127.0.0.1:10811 and up.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) meta: u16,
+    /// Number of storage nodes: agents, each its own process, data directory and loopback
+    /// address (127.0.0.2, 127.0.0.3, ... unless --replica-ips gives them).
+    #[arg(long, default_value_t = 3)]
+    pub(crate) nodes: u16,
+    /// Meta: how long a node may go without a heartbeat before it is DOWN.
+    #[arg(long, default_value = "10s")]
+    pub(crate) node_down_timeout: humantime::Duration,
+    /// Meta: how long a DOWN node's replicas wait before they are replaced on another node
+    /// (a node back sooner is resynced instead).
+    #[arg(long, default_value = "10m")]
+    pub(crate) replica_replenish_wait: humantime::Duration,
+    /// No metadata service and no agents: one process runs the engine, the NBD server and
+    /// the control endpoint, and starts one replica server process per replica (or uses
+    /// --replica-addrs). Volume state lives in DIR/volume.json.
+    #[arg(long)]
+    pub(crate) standalone: bool,
     /// Directory holding everything: the volume state and every replica's data.
     #[arg(long, default_value = "./cairn-data")]
-    data_dir: PathBuf,
-    /// Number of replicas (each its own process). Used when the volume is created.
+    pub(crate) data_dir: PathBuf,
+    /// Number of replicas of the volume. Used when the volume is created.
     #[arg(long, default_value_t = 3)]
-    replicas: usize,
+    pub(crate) replicas: usize,
     /// Volume size (e.g. 1GiB, 512MiB). Used when the volume is created.
     #[arg(long, default_value = "1GiB")]
-    size: bytesize::ByteSize,
+    pub(crate) size: bytesize::ByteSize,
     /// Volume name, which is also the NBD export name.
     #[arg(long, default_value = "vol0")]
-    volume: String,
+    pub(crate) volume: String,
     /// Address the NBD server listens on.
     #[arg(long, default_value = "127.0.0.1:10809")]
-    nbd_listen: SocketAddr,
+    pub(crate) nbd_listen: SocketAddr,
     /// Address of the control endpoint that `cairn volume` commands use.
     #[arg(long, default_value = control::DEFAULT_ENDPOINT)]
-    control_listen: SocketAddr,
-    /// Comma-separated IP address for each replica server to listen on (one for all, or one
-    /// per replica), e.g. 127.0.0.2,127.0.0.3,127.0.0.4 inside a test network namespace.
-    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
-    replica_ips: Vec<std::net::IpAddr>,
+    pub(crate) control_listen: SocketAddr,
+    /// Comma-separated IP address of each node (agent) or, with --standalone, of each replica
+    /// server (one for all, or one per replica; default 127.0.0.1), e.g.
+    /// 127.0.0.2,127.0.0.3,127.0.0.4 inside a test network namespace.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) replica_ips: Vec<std::net::IpAddr>,
     /// How long a replica may take to answer one request before it is failed (ERR).
     #[arg(long, default_value = "5s")]
-    io_timeout: humantime::Duration,
+    pub(crate) io_timeout: humantime::Duration,
     /// I/O backend of the replica servers: auto, uring or portable.
     #[arg(long, default_value = "auto")]
-    io_engine: EngineChoice,
+    pub(crate) io_engine: EngineChoice,
     /// Worker threads of the runtime that runs the engine and the NBD server.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
-    threads: u16,
+    pub(crate) threads: u16,
     /// Comma-separated addresses of replica servers started elsewhere (`cairn replica
     /// serve`), used instead of starting replica processes when the volume is created.
     #[arg(long, value_delimiter = ',')]
-    replica_addrs: Vec<SocketAddr>,
+    pub(crate) replica_addrs: Vec<SocketAddr>,
     /// A replica back within this time after it failed is resynced from the regions
     /// written meanwhile; a later one is rebuilt in full.
     #[arg(long, default_value = "10m")]
-    resync_window: humantime::Duration,
+    pub(crate) resync_window: humantime::Duration,
     /// Most bytes per second a rebuild or resync copies (e.g. 50MiB); 0 for no limit.
     #[arg(long, default_value = "0")]
-    rebuild_rate: bytesize::ByteSize,
+    pub(crate) rebuild_rate: bytesize::ByteSize,
     /// How often the engine flushes the replicas while writes come in, which bounds what a
     /// restart after an engine crash has to compare; 0s to never flush unasked.
     #[arg(long, default_value = "2s")]
-    flush_interval: humantime::Duration,
+    pub(crate) flush_interval: humantime::Duration,
     /// Do not restart dead replica processes, do not rebuild or resync ERR replicas (they
     /// stay out of the volume, as when debugging a failure).
     #[arg(long)]
-    no_heal: bool,
+    pub(crate) no_heal: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -226,6 +246,9 @@ pub fn run(args: DevArgs) -> anyhow::Result<std::process::ExitCode> {
 }
 
 async fn run_async(args: DevArgs) -> anyhow::Result<std::process::ExitCode> {
+    if !args.standalone && args.replica_addrs.is_empty() {
+        return crate::dev_cluster::run(args).await;
+    }
     std::fs::create_dir_all(args.data_dir.join("replicas"))
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let _lock = cairn_replica::lock_data_dir(&args.data_dir)?.with_context(|| {
@@ -250,11 +273,12 @@ async fn run_async(args: DevArgs) -> anyhow::Result<std::process::ExitCode> {
             });
             continue;
         }
-        let ip = *args
+        let ip = args
             .replica_ips
             .get(i)
             .or(args.replica_ips.first())
-            .context("--replica-ips is empty")?;
+            .copied()
+            .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
         if r.mode == Mode::Err && !heal {
             tracing::warn!(replica = %r.id, "replica is ERR (it may have missed writes); not started (--no-heal)");
             specs.push(ReplicaSpec {
@@ -334,6 +358,8 @@ async fn run_async(args: DevArgs) -> anyhow::Result<std::process::ExitCode> {
     }
 
     let mut nbd = cairn_nbd::NbdServer::new();
+    let engines = Arc::new(control::Engines::default());
+    engines.insert(&state.volume, engine.clone());
     nbd.add_export(&state.volume, "Cairn replicated volume", engine.clone());
     let nbd = Arc::new(nbd);
     let nbd_listener = tokio::net::TcpListener::bind(args.nbd_listen)
@@ -343,11 +369,7 @@ async fn run_async(args: DevArgs) -> anyhow::Result<std::process::ExitCode> {
         .await
         .with_context(|| format!("control listen on {}", args.control_listen))?;
     let nbd_task = tokio::spawn(nbd.serve(nbd_listener));
-    let control_task = tokio::spawn(control::serve(
-        control_listener,
-        state.volume.clone(),
-        engine.clone(),
-    ));
+    let control_task = tokio::spawn(control::serve(control_listener, engines));
 
     let status = engine.status();
     let live = status
@@ -405,7 +427,7 @@ async fn supervise(
                     }
                 }
                 () = stopped(&mut stop) => {
-                    terminate(&id, c).await;
+                    terminate(&id, c, Duration::from_secs(10)).await;
                     break;
                 }
             }
@@ -435,18 +457,18 @@ async fn supervise(
 }
 
 /// Returns once `stop` turns true (or its sender is gone).
-async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
+pub(crate) async fn stopped(stop: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await.map(|_| ());
 }
 
-/// SIGTERM, then SIGKILL if the process is still there after 10 s.
-async fn terminate(id: &str, child: &mut Child) {
+/// SIGTERM, then SIGKILL if the process is still there after `grace`.
+pub(crate) async fn terminate(id: &str, child: &mut Child, grace: Duration) {
     if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
         // SAFETY: kill(2) on our own child's pid; no memory is involved.
         unsafe { libc::kill(pid, libc::SIGTERM) };
     }
-    match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
-        Ok(_) => tracing::info!(replica = %id, "replica server stopped"),
+    match tokio::time::timeout(grace, child.wait()).await {
+        Ok(_) => tracing::info!(child = %id, "stopped"),
         Err(_) => {
             let _ = child.kill().await;
         }

@@ -5,8 +5,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod agent;
 mod control;
 mod dev;
+mod dev_cluster;
 mod meta;
 mod records;
 mod replica;
@@ -28,8 +30,9 @@ enum Command {
     /// Replica server and offline replica tools.
     #[command(subcommand)]
     Replica(replica::ReplicaCommand),
-    /// Run a replicated volume on this machine in the foreground: replica server processes,
-    /// the volume engine and an NBD export. Ctrl-C or SIGTERM stops everything.
+    /// Run a whole cluster on this machine in the foreground: metadata members, one agent
+    /// per node (each its own process and loopback address), and a replicated volume
+    /// exported over NBD. Ctrl-C or SIGTERM stops everything.
     Dev(dev::DevArgs),
     /// Create, list, show and delete volumes in the metadata service (`--meta`), and inspect
     /// a running volume through its control endpoint.
@@ -41,6 +44,10 @@ enum Command {
     /// Run one member of the metadata service (Raft group + `cairn.v1.Meta` API) in the
     /// foreground.
     Meta(meta::MetaArgs),
+    /// Run the node agent in the foreground: registers the node with the metadata service,
+    /// serves the replicas placed on it and runs the engine and NBD export of the volumes
+    /// attached to it.
+    Agent(agent::AgentArgs),
 }
 
 fn main() -> ExitCode {
@@ -70,6 +77,7 @@ fn main() -> ExitCode {
         Command::Node(c) => records::run_node(c),
         Command::Dev(a) => dev::run(a),
         Command::Meta(a) => meta::run(a),
+        Command::Agent(a) => agent::run(a),
     };
     match result {
         Ok(code) => code,

@@ -11,10 +11,12 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Subcommand;
 
+use cairn_proto::v1::meta_client::MetaClient;
 use cairn_proto::v1::{
-    record, CreateRequest, DataLocality, DeleteRequest, GetRequest, Key, Kind, Record, Volume,
+    record, CreateRequest, DataLocality, GetRequest, Key, Kind, Record, UpdateRequest, Volume,
     VolumeState,
 };
+use tonic::transport::Channel;
 
 use crate::control::{self, ControlReply, ControlRequest, DEFAULT_ENDPOINT};
 use crate::records::{self, block_on, run_cli, status_error, user_error, MetaAddr, VolumeJson};
@@ -57,8 +59,34 @@ pub enum VolumeCommand {
         #[command(flatten)]
         meta: MetaAddr,
     },
-    /// Delete a volume record; refused (exit 1) while the volume is attached.
+    /// Delete a volume: its replicas' data is removed by their nodes' agents. Refused (exit
+    /// 1) while the volume is attached. Waits until meta has deleted the record.
     Delete {
+        /// Volume name.
+        name: String,
+        #[command(flatten)]
+        meta: MetaAddr,
+    },
+    /// Attach a volume to a node: that node's agent runs its engine (at a new epoch, which
+    /// fences any earlier engine) and exports it over NBD. Prints the NBD URI once the export
+    /// serves. One attachment at a time: refused while attached to another node.
+    Attach {
+        /// Volume name.
+        name: String,
+        /// Node to attach to (a name from `cairn node list`).
+        #[arg(long)]
+        node: String,
+        /// Return after recording the attachment, without waiting for the export.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for the node's agent to serve the volume.
+        #[arg(long, default_value = "60s")]
+        timeout: humantime::Duration,
+        #[command(flatten)]
+        meta: MetaAddr,
+    },
+    /// Detach a volume: its node's agent flushes and stops the engine and the NBD export.
+    Detach {
         /// Volume name.
         name: String,
         #[command(flatten)]
@@ -356,33 +384,228 @@ fn get_volume(addr: &str, name: &str) -> anyhow::Result<Volume> {
     }
 }
 
-/// `cairn volume delete`: refused while attached, else deleted at the version read.
+/// `cairn volume delete`: refused while attached; else the volume turns DELETING (meta's
+/// controller marks its replicas deleted and removes the record), and this waits for that.
 fn delete(name: &str, meta: &MetaAddr) -> anyhow::Result<ExitCode> {
     let addr = &meta.addr;
-    let v = get_volume(addr, name)?;
+    block_on(async {
+        let mut client = records::client(addr)?;
+        let mut v = get_volume_async(&mut client, addr, name).await?;
+        if !v.attached_node.is_empty() {
+            return Err(user_error(format!(
+                "volume {name} is attached to node {}; detach it first",
+                v.attached_node
+            )));
+        }
+        if v.state != VolumeState::Deleting as i32 {
+            v.state = VolumeState::Deleting as i32;
+            v.state_reason = "deleting: replicas are being removed".into();
+            update_volume(&mut client, addr, v).await?;
+        }
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            match get_volume_async(&mut client, addr, name).await {
+                Err(e) if e.downcast_ref::<records::UserError>().is_some() => break,
+                Err(e) => return Err(e),
+                Ok(_) if tokio::time::Instant::now() > deadline => {
+                    anyhow::bail!("volume {name} is still DELETING after 60 s (is meta's leader running its controllers?)")
+                }
+                Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            }
+        }
+        Ok(())
+    })??;
+    println!("{name}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The volume record `name`; a [`records::UserError`] when there is none.
+pub async fn get_volume_async(
+    client: &mut MetaClient<Channel>,
+    addr: &str,
+    name: &str,
+) -> anyhow::Result<Volume> {
+    get_record(client, addr, Kind::Volume, name)
+        .await
+        .and_then(|r| match r {
+            record::Record::Volume(v) => Ok(v),
+            other => anyhow::bail!("meta answered Get of volume {name} with {other:?}"),
+        })
+}
+
+async fn get_record(
+    client: &mut MetaClient<Channel>,
+    addr: &str,
+    kind: Kind,
+    name: &str,
+) -> anyhow::Result<record::Record> {
+    let resp = client
+        .get(GetRequest {
+            key: Some(Key {
+                kind: kind as i32,
+                name: name.to_owned(),
+            }),
+        })
+        .await
+        .map_err(|s| match s.code() {
+            tonic::Code::NotFound => user_error(format!("no {} {name}", kind.cli_name())),
+            _ => status_error(addr, &s),
+        })?;
+    resp.into_inner()
+        .record
+        .and_then(|r| r.record)
+        .with_context(|| {
+            format!(
+                "meta answered Get of {} {name} with nothing",
+                kind.cli_name()
+            )
+        })
+}
+
+async fn update_volume(
+    client: &mut MetaClient<Channel>,
+    addr: &str,
+    v: Volume,
+) -> anyhow::Result<Volume> {
+    let name = v.name.clone();
+    let resp = client
+        .update(UpdateRequest {
+            record: Some(Record {
+                record: Some(record::Record::Volume(v)),
+            }),
+        })
+        .await
+        .map_err(|s| match s.code() {
+            tonic::Code::NotFound => user_error(format!("no volume {name}")),
+            tonic::Code::Aborted => {
+                user_error(format!("volume {name} changed meanwhile; try again"))
+            }
+            _ => status_error(addr, &s),
+        })?;
+    match resp.into_inner().record.and_then(|r| r.record) {
+        Some(record::Record::Volume(v)) => Ok(v),
+        other => anyhow::bail!("meta answered Update of volume {name} with {other:?}"),
+    }
+}
+
+/// Records the attachment of `name` to `node` (raising the epoch) and returns the volume as
+/// stored and the node. Attaching to the node it is attached to already changes nothing.
+pub async fn attach_async(
+    addr: &str,
+    name: &str,
+    node: &str,
+) -> anyhow::Result<(Volume, cairn_proto::v1::Node)> {
+    cairn_proto::validate_name("volume name", name).map_err(|e| user_error(e.to_string()))?;
+    let mut client = records::client(addr)?;
+    let n = match get_record(&mut client, addr, Kind::Node, node).await? {
+        record::Record::Node(n) => n,
+        other => anyhow::bail!("meta answered Get of node {node} with {other:?}"),
+    };
+    let mut v = get_volume_async(&mut client, addr, name).await?;
+    if v.attached_node == node {
+        return Ok((v, n));
+    }
     if !v.attached_node.is_empty() {
         return Err(user_error(format!(
-            "volume {name} is attached to node {}; detach it first",
+            "volume {name} is attached to node {}; detach it first (one attachment at a time)",
             v.attached_node
         )));
     }
-    block_on(async {
-        records::client(addr)?
-            .delete(DeleteRequest {
-                key: Some(Key {
-                    kind: Kind::Volume as i32,
-                    name: name.to_owned(),
-                }),
-                expected_version: v.version,
-            })
-            .await
-            .map_err(|s| match s.code() {
-                tonic::Code::NotFound => user_error(format!("no volume {name}")),
-                tonic::Code::Aborted => {
-                    user_error(format!("volume {name} changed meanwhile; try again"))
+    match VolumeState::try_from(v.state) {
+        Ok(VolumeState::Deleting) => {
+            return Err(user_error(format!("volume {name} is being deleted")))
+        }
+        Ok(VolumeState::Creating) => {
+            return Err(user_error(format!(
+                "volume {name} has no replicas placed yet ({})",
+                v.state_reason
+            )))
+        }
+        _ => {}
+    }
+    if n.state != cairn_proto::v1::NodeState::Up as i32 {
+        return Err(user_error(format!(
+            "node {node} is down ({})",
+            n.state_reason
+        )));
+    }
+    if n.nbd_address.is_empty() {
+        return Err(user_error(format!("node {node} has no agent serving NBD")));
+    }
+    v.attached_node = node.to_owned();
+    v.epoch += 1;
+    let v = update_volume(&mut client, addr, v).await?;
+    Ok((v, n))
+}
+
+/// Waits until the node's agent serves volume `v` at or above its epoch.
+pub async fn wait_served(
+    node: &cairn_proto::v1::Node,
+    v: &Volume,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    let endpoint: SocketAddr = node
+        .control_address
+        .parse()
+        .with_context(|| format!("node {} has no control address", node.name))?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let req = ControlRequest::Status {
+            volume: v.name.clone(),
+        };
+        let r = tokio::task::spawn_blocking(move || control::call(endpoint, &req)).await?;
+        let last = match r {
+            Ok(ControlReply::Status(s)) => {
+                let epoch = s
+                    .get("epoch")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0);
+                if epoch >= v.epoch {
+                    return Ok(());
                 }
-                _ => status_error(addr, &s),
-            })
+                format!("the engine runs at epoch {epoch}, below {}", v.epoch)
+            }
+            Ok(ControlReply::Error(e)) => e,
+            Ok(other) => format!("{other:?}"),
+            Err(e) => e.to_string(),
+        };
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "node {} did not serve volume {} within {:?}: {last}",
+                node.name,
+                v.name,
+                timeout
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+fn attach(
+    name: &str,
+    node: &str,
+    wait: bool,
+    timeout: std::time::Duration,
+    meta: &MetaAddr,
+) -> anyhow::Result<ExitCode> {
+    let (v, n) = block_on(attach_async(&meta.addr, name, node))??;
+    if wait {
+        block_on(wait_served(&n, &v, timeout))??;
+    }
+    println!("nbd://{}/{}", n.nbd_address, v.name);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn detach(name: &str, meta: &MetaAddr) -> anyhow::Result<ExitCode> {
+    let addr = &meta.addr;
+    block_on(async {
+        let mut client = records::client(addr)?;
+        let mut v = get_volume_async(&mut client, addr, name).await?;
+        if !v.attached_node.is_empty() {
+            v.attached_node.clear();
+            update_volume(&mut client, addr, v).await?;
+        }
+        anyhow::Ok(())
     })??;
     println!("{name}");
     Ok(ExitCode::SUCCESS)
@@ -426,6 +649,14 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }),
         VolumeCommand::Delete { name, meta } => run_cli(|| delete(&name, &meta)),
+        VolumeCommand::Attach {
+            name,
+            node,
+            no_wait,
+            timeout,
+            meta,
+        } => run_cli(|| attach(&name, &node, !no_wait, *timeout, &meta)),
+        VolumeCommand::Detach { name, meta } => run_cli(|| detach(&name, &meta)),
         VolumeCommand::Status {
             volume,
             json,

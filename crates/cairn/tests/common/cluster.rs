@@ -411,6 +411,7 @@ impl Dev {
             .arg("dev")
             .arg("--data-dir")
             .arg(dir)
+            .arg("--standalone")
             .args(["--replicas", "3", "--size", &size])
             .args(["--nbd-listen", &opts.nbd, "--control-listen", &opts.control])
             .args([
