@@ -1,40 +1,79 @@
-//! Leader-only controllers: node health and replica scheduling.
+//! Leader-only controllers: node health, replica replacement, scheduling,
+//! volume state and volume deletion.
 //!
 //! One tokio task per member ([`spawn`]) ticks every [`Settings::tick`]. On a
 //! tick it acts only while this member is the leader according to
 //! `raft.metrics()`; it first calls `raft.ensure_linearizable()` so the
 //! applied records it reads (`StateMachineStore::list`) include every
 //! acknowledged write. The decisions are pure functions of those records and
-//! the clock ([`node_health`], [`schedule_volume`]); the loop only writes the
+//! the clock ([`node_health`], [`reconcile_volume`]); the loop only writes the
 //! returned [`Command`]s through `raft.client_write`. Every write carries the
-//! versions it was computed from, so a concurrent change makes it fail as a
-//! conflict, which just means: decide again on the next tick.
+//! versions it was computed from, so a concurrent change (an agent reporting
+//! a replica, a client updating a volume) makes it fail as a conflict, which
+//! just means: decide again on the next tick. Replica mode, health and
+//! health reason are written by agents as the volume's engine reports them;
+//! the controllers rewrite a record only from the version they read and keep
+//! every field they do not decide.
 //!
 //! 1. **Node health.** A node whose `heartbeat_unix_ms` is older than the
 //!    node-down timeout (0 = never heartbeated counts as old) becomes DOWN with
 //!    the reason "no heartbeat for Ns" (N: whole seconds since its last
 //!    heartbeat); every non-deleted replica on a stale node that is not
 //!    already mode ERR and health FAILED gets both, with the same reason. The
-//!    node and its replicas are written in one batch. A node that heartbeats
-//!    again is set UP by Heartbeat itself; its replicas stay ERR until an
-//!    agent rebuilds them.
-//! 2. **Scheduling.** A volume in state CREATING, or DEGRADED, with fewer
-//!    non-deleted replicas than `replica_count` gets new replicas from
-//!    [`crate::schedule::place`]. Every non-deleted replica counts toward the
-//!    target (replacing failed replicas is a later controller's job), and
-//!    every node holding one is excluded, so a volume never gets two replicas
-//!    on one node. A node is `up` when its state is UP and always schedulable
-//!    (there is no cordon yet); its disks are the ones it last heartbeated.
-//!    New replicas are named `<volume>-r<n>` with the smallest `n` not used by
-//!    any replica record, and start with mode WO and health REBUILDING
-//!    ("waiting for its node's agent to create it"): they hold no data yet.
-//!    The replicas are created (expected version 0) in ONE batch with the
-//!    volume's update: state HEALTHY when the volume has all its replicas —
-//!    here HEALTHY means "fully placed"; real health will come from the
-//!    agents — or DEGRADED with the schedule's shortfall reason. A CREATING
-//!    volume that already has all its replicas just becomes HEALTHY; a
-//!    DEGRADED one with nothing placeable and an unchanged reason is not
-//!    rewritten.
+//!    node and its replicas are written in one batch, and the tick ends there
+//!    (the volumes are looked at on the next one). A node that heartbeats
+//!    again is set UP by Heartbeat itself; its replicas stay ERR until its
+//!    volume's engine resyncs them (no meta action).
+//!
+//! The other controllers run per volume, and write at most one batch per
+//! volume and tick ([`reconcile_volume`]); a batch that writes replicas always
+//! writes the volume too, from the version read.
+//!
+//! 2. **Deletion.** A volume a client set to DELETING and that is detached
+//!    (`attached_node` empty) gets, in one batch, `deleted = true` on every
+//!    replica record not deleted yet (health reason "volume V deleted"; the
+//!    records stay so that each node's agent deletes the data, then the
+//!    record) and its Volume record deleted. An attached DELETING volume is
+//!    left alone until it is detached. Nothing else touches a DELETING volume.
+//! 3. **Replacement.** A non-deleted replica whose node is DOWN with a last
+//!    heartbeat older than node-down timeout + [`Settings::replica_replenish_wait`]
+//!    is replaced, but only while the volume keeps another non-deleted RW
+//!    replica on an UP node (what might be the only good copy is never
+//!    thrown away) and only where [`crate::schedule::replace`] finds a node.
+//!    The old record gets `deleted = true`, health STALE and the reason
+//!    "replaced by NEW: node N down for Ns"; the new one is created as in 4.
+//!    A replica that cannot be replaced stays, and the volume's reason says
+//!    why ("replica R on down node N cannot be replaced: ..." or "... is not
+//!    replaced: no other RW replica on an up node").
+//! 4. **Scheduling.** A volume with fewer non-deleted replicas than
+//!    `replica_count` gets new ones from [`crate::schedule::place`]; every
+//!    node holding any replica record of the volume (deleted or not) is
+//!    excluded, so a volume never gets two replicas on one node. A node is
+//!    eligible when UP (always schedulable: there is no cordon yet) with a
+//!    disk it last heartbeated that has room. New replicas are named
+//!    `<volume>-r<n>` with the smallest `n` not used by any replica record.
+//!    For a CREATING volume (never attached, no data) they start RW/HEALTHY,
+//!    [`EMPTY_REPLICA_REASON`]; for any other state (it may hold data) they
+//!    start WO/REBUILDING, [`REBUILD_REPLICA_REASON`], until the volume's
+//!    engine has rebuilt them.
+//! 5. **Volume state** (every volume but a DELETING one), computed on the
+//!    records as the batch leaves them: `rw` = non-deleted replicas in mode
+//!    RW on an UP node. HEALTHY when `rw >= replica_count` (empty reason),
+//!    DEGRADED when `1 <= rw < replica_count` ("2 of 3 replicas RW: ..."),
+//!    FAULTED when `rw == 0` ("no RW replica: ..."); the reason lists every
+//!    other replica ("R on N ERR (why)", "R on N rebuilding") and what could
+//!    not be placed or replaced. A CREATING volume with no RW replica yet
+//!    (nothing could be placed) stays CREATING with the shortfall as its
+//!    reason: marking it FAULTED would make the replicas placed later start
+//!    WO with nothing to rebuild them from. The volume is written only when
+//!    its state or reason changes (or replicas are written with it); the
+//!    reason holds no clock readings, so a steady state writes nothing.
+//!
+//! Timeline of a node that goes silent: DOWN and its replicas ERR after the
+//! node-down timeout (volumes DEGRADED or FAULTED); back before the replenish
+//! wait ends, it keeps its replicas and the engine resyncs them; otherwise
+//! they are replaced (deleted/STALE) and the new ones rebuilt; back later,
+//! its agent sees its old replicas deleted and removes their data.
 //!
 //! Assumes: the member's clock is roughly in step with the clock of the
 //! leaders that stamped the heartbeats (after a leader change, heartbeats are
@@ -51,14 +90,21 @@ use openraft::error::{ClientWriteError, RaftError};
 use prost::Message;
 use tokio::sync::watch;
 
-use crate::schedule::{self, DiskInfo, ExistingReplica, NodeInfo, VolumeSpec};
+use crate::schedule::{self, DiskInfo, ExistingReplica, NodeInfo, Placement, VolumeSpec};
 use crate::{Command, Raft, StateMachineStore};
 
 /// Default of [`Settings::tick`].
 pub const DEFAULT_TICK: Duration = Duration::from_secs(1);
 
-/// Health reason of a replica the scheduler just created.
-pub const NEW_REPLICA_REASON: &str = "waiting for its node's agent to create it";
+/// Default of [`Settings::replica_replenish_wait`].
+pub const DEFAULT_REPLICA_REPLENISH_WAIT: Duration = Duration::from_secs(600);
+
+/// Health reason of a replica placed for a CREATING volume (RW, HEALTHY).
+pub const EMPTY_REPLICA_REASON: &str = "empty; created when the volume is first attached";
+
+/// Health reason of a replica placed for a volume that may hold data (WO,
+/// REBUILDING).
+pub const REBUILD_REPLICA_REASON: &str = "waiting for a rebuild by the volume's engine";
 
 /// How the controllers run; read again on every tick.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +113,9 @@ pub struct Settings {
     pub tick: Duration,
     /// How long a node may stay silent before it is DOWN.
     pub node_down_timeout: Duration,
+    /// How long a DOWN node's replicas are waited for (after the node-down
+    /// timeout) before they are replaced elsewhere.
+    pub replica_replenish_wait: Duration,
 }
 
 /// Starts the controller loop of a member. It ends when every sender of
@@ -94,7 +143,7 @@ async fn run(raft: Raft, sm: StateMachineStore, mut settings: watch::Receiver<Se
         if !is_leader(&raft) {
             continue;
         }
-        if let Err(e) = tick(&raft, &sm, s.node_down_timeout).await {
+        if let Err(e) = tick(&raft, &sm, &s).await {
             tracing::debug!("controller tick stopped: {e}");
         }
     }
@@ -127,11 +176,7 @@ fn list(sm: &StateMachineStore, kind: Kind) -> Result<Vec<Record>, String> {
         .collect())
 }
 
-async fn tick(
-    raft: &Raft,
-    sm: &StateMachineStore,
-    node_down_timeout: Duration,
-) -> Result<(), String> {
+async fn tick(raft: &Raft, sm: &StateMachineStore, s: &Settings) -> Result<(), String> {
     raft.ensure_linearizable()
         .await
         .map_err(|e| e.to_string())?;
@@ -149,13 +194,14 @@ async fn tick(
             _ => None,
         })
         .collect();
-    let health = node_health(now_unix_ms(), node_down_timeout, &nodes, &replicas);
+    let now_ms = now_unix_ms();
+    let health = node_health(now_ms, s.node_down_timeout, &nodes, &replicas);
     let changed_nodes = !health.is_empty();
     for cmd in health {
         write(raft, cmd).await?;
     }
     if changed_nodes {
-        // Schedule on the new node states, read on the next tick.
+        // Look at the volumes with the new node states, read on the next tick.
         return Ok(());
     }
     let volumes: Vec<Volume> = list(sm, Kind::Volume)?
@@ -166,7 +212,7 @@ async fn tick(
         })
         .collect();
     for v in &volumes {
-        if let Some(cmd) = schedule_volume(v, &nodes, &replicas) {
+        if let Some(cmd) = reconcile_volume(now_ms, s, v, &nodes, &replicas) {
             write(raft, cmd).await?;
         }
     }
@@ -275,80 +321,280 @@ fn node_info(n: &Node) -> NodeInfo {
     }
 }
 
-/// The write of the scheduling controller for volume `v`, if any: new
-/// replica records and the volume's new state, in one batch.
-#[must_use]
-pub fn schedule_volume(v: &Volume, nodes: &[Node], replicas: &[Replica]) -> Option<Command> {
-    let creating = v.state == i32::from(VolumeState::Creating);
-    let degraded = v.state == i32::from(VolumeState::Degraded);
-    if !creating && !degraded {
-        return None;
-    }
-    let existing: Vec<ExistingReplica> = replicas
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn node_up(nodes: &[Node], name: &str) -> bool {
+    nodes
         .iter()
-        .filter(|r| r.volume == v.name && !r.deleted)
+        .any(|n| n.name == name && n.state == i32::from(NodeState::Up))
+}
+
+/// Counts toward the volume's health: not deleted, mode RW, node UP.
+fn is_rw_up(r: &Replica, nodes: &[Node]) -> bool {
+    !r.deleted && r.mode == i32::from(ReplicaMode::Rw) && node_up(nodes, &r.node)
+}
+
+/// The replica's records as the scheduler sees them: every record excludes
+/// its node; the non-deleted ones count as the volume's replicas.
+fn existing(reps: &[Replica]) -> Vec<ExistingReplica> {
+    reps.iter()
         .map(|r| ExistingReplica {
             node: r.node.clone(),
             disk: r.disk.clone(),
-            healthy: true,
+            healthy: !r.deleted,
         })
-        .collect();
-    let have = u32::try_from(existing.len()).unwrap_or(u32::MAX);
-    if have >= v.replica_count {
-        if !creating {
-            return None;
-        }
-        let mut done = v.clone();
-        done.state = VolumeState::Healthy.into();
-        done.state_reason.clear();
-        return Some(put(Kind::Volume, &v.name, R::Volume(done), v.version));
+        .collect()
+}
+
+/// The write of the deletion controller for a DELETING volume `v`: every
+/// replica record of it marked deleted and the volume record deleted, in one
+/// batch; `None` while the volume is attached (or not DELETING).
+#[must_use]
+pub fn delete_volume(v: &Volume, replicas: &[Replica]) -> Option<Command> {
+    if v.state != i32::from(VolumeState::Deleting) || !v.attached_node.is_empty() {
+        return None;
     }
+    let mut batch = Vec::new();
+    for r in replicas.iter().filter(|r| r.volume == v.name && !r.deleted) {
+        let mut gone = r.clone();
+        gone.deleted = true;
+        gone.health_reason = format!("volume {} deleted", v.name);
+        batch.push(put(Kind::Replica, &r.name, R::Replica(gone), r.version));
+    }
+    batch.push(Command::Delete {
+        kind: Kind::Volume.cli_name().to_owned(),
+        name: v.name.clone(),
+        expected_version: Some(v.version),
+    });
+    Some(Command::Batch(batch))
+}
+
+/// Replica records being written for one volume in one batch.
+struct VolumePlan<'a> {
+    v: &'a Volume,
+    /// The volume's replica records as the batch leaves them.
+    reps: Vec<Replica>,
+    /// Every replica name in use (any volume), for new names.
+    taken: BTreeSet<String>,
+    /// Puts of replica records, in order.
+    writes: Vec<Command>,
+    /// What could not be placed or replaced, for the volume's reason.
+    notes: Vec<String>,
+}
+
+impl VolumePlan<'_> {
+    /// Adds a new replica at `p`, returning its name.
+    fn create(&mut self, p: &Placement) -> String {
+        let mut n = 0u64;
+        let name = loop {
+            let candidate = format!("{}-r{n}", self.v.name);
+            n += 1;
+            if !self.taken.contains(&candidate) {
+                break candidate;
+            }
+        };
+        self.taken.insert(name.clone());
+        let empty = self.v.state == i32::from(VolumeState::Creating);
+        let (mode, health, reason) = if empty {
+            (
+                ReplicaMode::Rw,
+                ReplicaHealth::Healthy,
+                EMPTY_REPLICA_REASON,
+            )
+        } else {
+            (
+                ReplicaMode::Wo,
+                ReplicaHealth::Rebuilding,
+                REBUILD_REPLICA_REASON,
+            )
+        };
+        let replica = Replica {
+            name: name.clone(),
+            version: 0,
+            volume: self.v.name.clone(),
+            node: p.node.clone(),
+            disk: p.disk.clone(),
+            mode: mode.into(),
+            health: health.into(),
+            health_reason: reason.to_owned(),
+            deleted: false,
+        };
+        self.writes
+            .push(put(Kind::Replica, &name, R::Replica(replica.clone()), 0));
+        self.reps.push(replica);
+        name
+    }
+}
+
+/// The write for volume `v` at `now_ms`, if any: its deletion (see
+/// [`delete_volume`]), or one batch with the replacements of its replicas on
+/// long-down nodes, its new replicas and its new state (see the module doc).
+#[must_use]
+pub fn reconcile_volume(
+    now_ms: u64,
+    s: &Settings,
+    v: &Volume,
+    nodes: &[Node],
+    replicas: &[Replica],
+) -> Option<Command> {
+    if v.state == i32::from(VolumeState::Deleting) {
+        return delete_volume(v, replicas);
+    }
+    let infos: Vec<NodeInfo> = nodes.iter().map(node_info).collect();
     let spec = VolumeSpec {
         name: v.name.clone(),
         size_bytes: v.size_bytes,
         replica_count: v.replica_count,
         locality: (!v.attached_node.is_empty()).then(|| v.attached_node.clone()),
     };
-    let infos: Vec<NodeInfo> = nodes.iter().map(node_info).collect();
-    let result = schedule::place(&spec, &infos, &existing);
-    let mut next = v.clone();
-    if result.is_complete() {
-        next.state = VolumeState::Healthy.into();
-        next.state_reason.clear();
-    } else {
-        next.state = VolumeState::Degraded.into();
-        next.state_reason = result.reason.clone().unwrap_or_default();
+    let mut plan = VolumePlan {
+        v,
+        reps: replicas
+            .iter()
+            .filter(|r| r.volume == v.name)
+            .cloned()
+            .collect(),
+        taken: replicas.iter().map(|r| r.name.clone()).collect(),
+        writes: Vec::new(),
+        notes: Vec::new(),
+    };
+    replace_down(now_ms, s, &mut plan, nodes, &spec, &infos);
+    let have = plan.reps.iter().filter(|r| !r.deleted).count();
+    if u32::try_from(have).unwrap_or(u32::MAX) < v.replica_count {
+        let result = schedule::place(&spec, &infos, &existing(&plan.reps));
+        for p in &result.placements {
+            plan.create(p);
+        }
+        plan.notes.extend(result.reason);
     }
-    if result.placements.is_empty() && next.state == v.state && next.state_reason == v.state_reason
-    {
+    let (state, reason) = volume_state(v, &plan.reps, nodes, &plan.notes);
+    if plan.writes.is_empty() && i32::from(state) == v.state && reason == v.state_reason {
         return None;
     }
-    let taken: BTreeSet<&str> = replicas.iter().map(|r| r.name.as_str()).collect();
-    let mut batch = Vec::new();
-    let mut n = 0u64;
-    for p in &result.placements {
-        let name = loop {
-            let candidate = format!("{}-r{n}", v.name);
-            n += 1;
-            if !taken.contains(candidate.as_str()) {
-                break candidate;
-            }
-        };
-        let replica = Replica {
-            name: name.clone(),
-            version: 0,
-            volume: v.name.clone(),
-            node: p.node.clone(),
-            disk: p.disk.clone(),
-            mode: ReplicaMode::Wo.into(),
-            health: ReplicaHealth::Rebuilding.into(),
-            health_reason: NEW_REPLICA_REASON.to_owned(),
-            deleted: false,
-        };
-        batch.push(put(Kind::Replica, &name, R::Replica(replica), 0));
-    }
+    let mut next = v.clone();
+    next.state = state.into();
+    next.state_reason = reason;
+    let mut batch = plan.writes;
     batch.push(put(Kind::Volume, &v.name, R::Volume(next), v.version));
     Some(Command::Batch(batch))
+}
+
+/// The replacement controller's part of `plan`.
+fn replace_down(
+    now_ms: u64,
+    s: &Settings,
+    plan: &mut VolumePlan<'_>,
+    nodes: &[Node],
+    spec: &VolumeSpec,
+    infos: &[NodeInfo],
+) {
+    let wait_ms = millis(s.node_down_timeout).saturating_add(millis(s.replica_replenish_wait));
+    let due: Vec<(usize, String)> = plan
+        .reps
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| !r.deleted)
+        .filter_map(|(i, r)| {
+            let n = nodes.iter().find(|n| n.name == r.node)?;
+            let silent_ms = now_ms.saturating_sub(n.heartbeat_unix_ms);
+            let long_down = n.state == i32::from(NodeState::Down)
+                && (n.heartbeat_unix_ms == 0 || silent_ms > wait_ms);
+            let why = if n.heartbeat_unix_ms == 0 {
+                format!("node {} never heartbeated", n.name)
+            } else {
+                format!("node {} down for {}s", n.name, silent_ms / 1000)
+            };
+            long_down.then_some((i, why))
+        })
+        .collect();
+    if due.is_empty() {
+        return;
+    }
+    if !plan.reps.iter().any(|r| is_rw_up(r, nodes)) {
+        for (i, _) in &due {
+            let r = &plan.reps[*i];
+            plan.notes.push(format!(
+                "replica {} on down node {} is not replaced: no other RW replica on an up node",
+                r.name, r.node
+            ));
+        }
+        return;
+    }
+    let failed: Vec<usize> = due.iter().map(|(i, _)| *i).collect();
+    let result = schedule::replace(spec, infos, &existing(&plan.reps), &failed);
+    for (k, (i, why)) in due.iter().enumerate() {
+        let Some(p) = result.placements.get(k) else {
+            let r = &plan.reps[*i];
+            let note = format!(
+                "replica {} on down node {} cannot be replaced: {}",
+                r.name,
+                r.node,
+                result.reason.as_deref().unwrap_or("no eligible node")
+            );
+            plan.notes.push(note);
+            continue;
+        };
+        let new = plan.create(p);
+        let old = &mut plan.reps[*i];
+        old.deleted = true;
+        old.health = ReplicaHealth::Stale.into();
+        old.health_reason = format!("replaced by {new}: {why}");
+        let write = put(
+            Kind::Replica,
+            &old.name,
+            R::Replica(old.clone()),
+            old.version,
+        );
+        plan.writes.push(write);
+    }
+}
+
+/// A volume's state and reason given its replica records `reps` (see the
+/// module doc, 5); `notes` say what could not be placed or replaced.
+fn volume_state(
+    v: &Volume,
+    reps: &[Replica],
+    nodes: &[Node],
+    notes: &[String],
+) -> (VolumeState, String) {
+    let rw = reps.iter().filter(|r| is_rw_up(r, nodes)).count();
+    let mut parts: Vec<String> = reps
+        .iter()
+        .filter(|r| !r.deleted && !is_rw_up(r, nodes))
+        .map(|r| {
+            let mode = ReplicaMode::try_from(r.mode).unwrap_or(ReplicaMode::Unspecified);
+            let what = match mode {
+                ReplicaMode::Rw => "RW but its node is down".to_owned(),
+                ReplicaMode::Wo => "rebuilding".to_owned(),
+                ReplicaMode::Err if r.health_reason.is_empty() => "ERR".to_owned(),
+                ReplicaMode::Err => format!("ERR ({})", r.health_reason),
+                ReplicaMode::Unspecified => "not reported yet".to_owned(),
+            };
+            format!("{} on {} {what}", r.name, r.node)
+        })
+        .collect();
+    parts.extend(notes.iter().cloned());
+    let detail = parts.join("; ");
+    let count = usize::try_from(v.replica_count).unwrap_or(usize::MAX);
+    if v.state == i32::from(VolumeState::Creating) && rw == 0 {
+        let reason = if detail.is_empty() {
+            v.state_reason.clone()
+        } else {
+            detail
+        };
+        (VolumeState::Creating, reason)
+    } else if rw >= count {
+        (VolumeState::Healthy, String::new())
+    } else if rw >= 1 {
+        (
+            VolumeState::Degraded,
+            format!("{rw} of {count} replicas RW: {detail}"),
+        )
+    } else {
+        (VolumeState::Faulted, format!("no RW replica: {detail}"))
+    }
 }
 
 #[cfg(test)]
@@ -466,6 +712,30 @@ mod tests {
         }
     }
 
+    const S: Settings = Settings {
+        tick: Duration::from_secs(1),
+        node_down_timeout: Duration::from_secs(10),
+        replica_replenish_wait: Duration::from_secs(60),
+    };
+
+    fn the_volume(p: &[(String, String, Option<u64>, Record)]) -> Volume {
+        let last = p.last().unwrap();
+        assert_eq!((last.0.as_str(), last.2), ("volume", Some(5)));
+        let Some(R::Volume(v)) = &last.3.record else {
+            panic!()
+        };
+        v.clone()
+    }
+
+    fn replica_puts(p: &[(String, String, Option<u64>, Record)]) -> Vec<(Option<u64>, Replica)> {
+        p.iter()
+            .filter_map(|(_, _, v, rec)| match &rec.record {
+                Some(R::Replica(r)) => Some((*v, r.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
     fn schedules_on_free_nodes_only_with_next_free_names() {
         let nodes = [
@@ -474,52 +744,224 @@ mod tests {
             node("c", 1, NodeState::Down),
             node("d", 1, NodeState::Up),
         ];
-        let reps = [replica(
-            "vol-r0",
-            "a",
-            ReplicaMode::Wo,
-            ReplicaHealth::Rebuilding,
-        )];
-        let cmd = schedule_volume(&volume(VolumeState::Degraded, 3), &nodes, &reps).unwrap();
+        let reps = [
+            replica("vol-r0", "a", ReplicaMode::Rw, ReplicaHealth::Healthy),
+            Replica {
+                deleted: true,
+                ..replica("vol-r1", "d", ReplicaMode::Err, ReplicaHealth::Stale)
+            },
+        ];
+        let v = volume(VolumeState::Degraded, 3);
+        let cmd = reconcile_volume(2, &S, &v, &nodes, &reps).unwrap();
         let p = puts(&cmd);
-        let placed: Vec<(&str, &str)> = p[..2]
+        let placed: Vec<(&str, &str, Option<u64>)> = p[..p.len() - 1]
             .iter()
             .map(|(_, name, v, rec)| {
-                assert_eq!(*v, Some(0));
                 let Some(R::Replica(r)) = &rec.record else {
                     panic!()
                 };
-                (name.as_str(), r.node.as_str())
+                assert_eq!(r.mode, i32::from(ReplicaMode::Wo));
+                assert_eq!(r.health, i32::from(ReplicaHealth::Rebuilding));
+                assert_eq!(r.health_reason, REBUILD_REPLICA_REASON);
+                (name.as_str(), r.node.as_str(), *v)
             })
             .collect();
-        assert_eq!(placed, [("vol-r1", "b"), ("vol-r2", "d")]);
-        let Some(R::Volume(v)) = &p[2].3.record else {
-            panic!()
-        };
-        assert_eq!(p[2].2, Some(5));
-        assert_eq!(v.state, i32::from(VolumeState::Healthy));
+        // d holds a deleted record of the volume: excluded; c is down.
+        assert_eq!(placed, [("vol-r2", "b", Some(0))]);
+        let v = the_volume(&p);
+        assert_eq!(v.state, i32::from(VolumeState::Degraded));
+        assert!(
+            v.state_reason.starts_with(
+                "1 of 3 replicas RW: vol-r2 on b rebuilding; 2 of 3 replicas placed for volume vol"
+            ),
+            "{}",
+            v.state_reason
+        );
     }
 
     #[test]
-    fn unchanged_shortfall_is_not_rewritten() {
-        let nodes = [node("a", 1, NodeState::Up)];
-        let reps = [replica(
-            "vol-r0",
-            "a",
-            ReplicaMode::Wo,
-            ReplicaHealth::Rebuilding,
-        )];
-        let cmd = schedule_volume(&volume(VolumeState::Creating, 2), &nodes, &reps).unwrap();
+    fn creating_volume_gets_empty_rw_replicas_and_is_healthy() {
+        let nodes = [node("a", 1, NodeState::Up), node("b", 1, NodeState::Up)];
+        let cmd = reconcile_volume(2, &S, &volume(VolumeState::Creating, 2), &nodes, &[]).unwrap();
+        let p = puts(&cmd);
+        let reps = replica_puts(&p);
+        assert_eq!(reps.len(), 2);
+        for (i, (v, r)) in reps.iter().enumerate() {
+            assert_eq!(*v, Some(0));
+            assert_eq!(r.name, format!("vol-r{i}"));
+            assert_eq!(r.mode, i32::from(ReplicaMode::Rw));
+            assert_eq!(r.health, i32::from(ReplicaHealth::Healthy));
+            assert_eq!(r.health_reason, EMPTY_REPLICA_REASON);
+        }
+        let v = the_volume(&p);
+        assert_eq!(v.state, i32::from(VolumeState::Healthy));
+        assert_eq!(v.state_reason, "");
+    }
+
+    #[test]
+    fn creating_volume_without_nodes_stays_creating_until_placed() {
+        let v = volume(VolumeState::Creating, 2);
+        let cmd = reconcile_volume(2, &S, &v, &[], &[]).unwrap();
         let p = puts(&cmd);
         assert_eq!(p.len(), 1);
-        let Some(R::Volume(v)) = &p[0].3.record else {
+        let next = the_volume(&p);
+        assert_eq!(next.state, i32::from(VolumeState::Creating));
+        assert!(
+            next.state_reason.starts_with("0 of 2 replicas placed"),
+            "{}",
+            next.state_reason
+        );
+        // Unchanged: not rewritten.
+        assert!(reconcile_volume(3, &S, &next, &[], &[]).is_none());
+    }
+
+    #[test]
+    fn state_follows_rw_replicas_on_up_nodes() {
+        let nodes = [
+            node("a", 1, NodeState::Up),
+            node("b", 1, NodeState::Up),
+            node("c", 1, NodeState::Down),
+        ];
+        let rw = |n: &str, node: &str| replica(n, node, ReplicaMode::Rw, ReplicaHealth::Healthy);
+        let mut failed = replica("vol-r1", "b", ReplicaMode::Err, ReplicaHealth::Failed);
+        failed.health_reason = "io error".into();
+        let healthy = volume(VolumeState::Healthy, 3);
+        let all = [rw("vol-r0", "a"), rw("vol-r1", "b"), rw("vol-r2", "a")];
+        assert!(reconcile_volume(2, &S, &healthy, &nodes, &all).is_none());
+
+        let reps = [rw("vol-r0", "a"), failed.clone(), rw("vol-r2", "c")];
+        let v = the_volume(&puts(
+            &reconcile_volume(2, &S, &healthy, &nodes, &reps).unwrap(),
+        ));
+        assert_eq!(v.state, i32::from(VolumeState::Degraded));
+        assert_eq!(
+            v.state_reason,
+            "1 of 3 replicas RW: vol-r1 on b ERR (io error); vol-r2 on c RW but its node is down"
+        );
+
+        let reps = [failed];
+        let v = the_volume(&puts(
+            &reconcile_volume(2, &S, &volume(VolumeState::Degraded, 1), &nodes, &reps).unwrap(),
+        ));
+        assert_eq!(v.state, i32::from(VolumeState::Faulted));
+        assert_eq!(v.state_reason, "no RW replica: vol-r1 on b ERR (io error)");
+    }
+
+    #[test]
+    fn long_down_replica_is_replaced_only_after_the_wait_and_with_another_rw() {
+        let now = 100_000;
+        let mut down = node("c", now - 71_000, NodeState::Down);
+        down.state_reason = "no heartbeat for 10s".into();
+        let nodes = [
+            node("a", now, NodeState::Up),
+            node("b", now, NodeState::Up),
+            down,
+            node("d", now, NodeState::Up),
+        ];
+        let mut err = replica("vol-r1", "c", ReplicaMode::Err, ReplicaHealth::Failed);
+        err.health_reason = "no heartbeat for 10s".into();
+        let rw = replica("vol-r0", "a", ReplicaMode::Rw, ReplicaHealth::Healthy);
+        let v = volume(VolumeState::Degraded, 2);
+
+        // Not yet: 10 s + 60 s not passed (or exactly).
+        let early = reconcile_volume(now - 1_000, &S, &v, &nodes, &[rw.clone(), err.clone()]);
+        let deg = the_volume(&puts(&early.unwrap()));
+        assert_eq!(
+            deg.state_reason,
+            "1 of 2 replicas RW: vol-r1 on c ERR (no heartbeat for 10s)"
+        );
+
+        let cmd = reconcile_volume(now, &S, &v, &nodes, &[rw.clone(), err.clone()]).unwrap();
+        let p = puts(&cmd);
+        let reps = replica_puts(&p);
+        assert_eq!(reps.len(), 2, "{reps:?}");
+        let (new_v, new) = &reps[0];
+        assert_eq!(*new_v, Some(0));
+        assert_eq!(
+            (new.name.as_str(), new.node.as_str(), new.deleted),
+            ("vol-r2", "b", false)
+        );
+        assert_eq!(new.mode, i32::from(ReplicaMode::Wo));
+        assert_eq!(new.health, i32::from(ReplicaHealth::Rebuilding));
+        let (old_v, old) = &reps[1];
+        assert_eq!(*old_v, Some(2));
+        assert_eq!(
+            *old,
+            Replica {
+                deleted: true,
+                health: ReplicaHealth::Stale.into(),
+                health_reason: "replaced by vol-r2: node c down for 71s".into(),
+                version: 0,
+                ..err.clone()
+            }
+        );
+        let next = the_volume(&p);
+        assert_eq!(
+            next.state_reason,
+            "1 of 2 replicas RW: vol-r2 on b rebuilding"
+        );
+
+        // No other RW copy: kept, and the volume says why.
+        let lone = volume(VolumeState::Faulted, 1);
+        let p = puts(&reconcile_volume(now, &S, &lone, &nodes, &[err.clone()]).unwrap());
+        assert_eq!(p.len(), 1);
+        assert_eq!(
+            the_volume(&p).state_reason,
+            "no RW replica: vol-r1 on c ERR (no heartbeat for 10s); replica vol-r1 on down \
+             node c is not replaced: no other RW replica on an up node"
+        );
+
+        // Nowhere to go: kept, and the volume says why.
+        let few = [nodes[0].clone(), nodes[2].clone()];
+        let p = puts(&reconcile_volume(now, &S, &v, &few, &[rw, err]).unwrap());
+        assert_eq!(p.len(), 1);
+        assert!(
+            the_volume(&p).state_reason.starts_with(
+                "1 of 2 replicas RW: vol-r1 on c ERR (no heartbeat for 10s); replica vol-r1 on \
+                 down node c cannot be replaced: 0 of 1 failed replicas replaced"
+            ),
+            "{}",
+            the_volume(&p).state_reason
+        );
+    }
+
+    #[test]
+    fn deleting_volume_marks_replicas_deleted_once_detached() {
+        let mut v = volume(VolumeState::Deleting, 2);
+        v.attached_node = "a".into();
+        let reps = [
+            replica("vol-r0", "a", ReplicaMode::Rw, ReplicaHealth::Healthy),
+            Replica {
+                deleted: true,
+                ..replica("vol-r1", "b", ReplicaMode::Err, ReplicaHealth::Stale)
+            },
+        ];
+        assert!(reconcile_volume(1, &S, &v, &[], &reps).is_none());
+        v.attached_node.clear();
+        let cmd = reconcile_volume(1, &S, &v, &[], &reps).unwrap();
+        let Command::Batch(cmds) = &cmd else { panic!() };
+        assert_eq!(cmds.len(), 2);
+        assert_eq!(
+            cmds[1],
+            Command::Delete {
+                kind: "volume".into(),
+                name: "vol".into(),
+                expected_version: Some(5),
+            }
+        );
+        let p = puts(&Command::Batch(vec![cmds[0].clone()]));
+        let Some(R::Replica(r)) = &p[0].3.record else {
             panic!()
         };
-        assert_eq!(v.state, i32::from(VolumeState::Degraded));
-        assert!(v.state_reason.starts_with("1 of 2 replicas placed"));
-        let mut again = v.clone();
-        again.version = 6;
-        assert!(schedule_volume(&again, &nodes, &reps).is_none());
-        assert!(schedule_volume(&volume(VolumeState::Healthy, 2), &nodes, &reps).is_none());
+        assert_eq!(p[0].2, Some(2));
+        assert_eq!(
+            *r,
+            Replica {
+                deleted: true,
+                health_reason: "volume vol deleted".into(),
+                version: 0,
+                ..reps[0].clone()
+            }
+        );
     }
 }

@@ -136,8 +136,9 @@ pub fn place(spec: &VolumeSpec, nodes: &[NodeInfo], existing: &[ExistingReplica]
 ///
 /// One placement per distinct valid index (out-of-range indices are
 /// ignored). The failed replicas' nodes are excluded like every node holding
-/// a replica; the zones of the replicas not being replaced count for the
-/// zone spread.
+/// a replica; the zones of the healthy replicas not being replaced count for
+/// the zone spread (an unhealthy one, e.g. a record marked deleted, only
+/// excludes its node).
 pub fn replace(
     spec: &VolumeSpec,
     nodes: &[NodeInfo],
@@ -153,7 +154,7 @@ pub fn replace(
     let live: Vec<&ExistingReplica> = existing
         .iter()
         .enumerate()
-        .filter(|(i, _)| !failed.contains(i))
+        .filter(|(i, r)| !failed.contains(i) && r.healthy)
         .map(|(_, r)| r)
         .collect();
     let plan = plan(spec, nodes, existing, &live, needed);
@@ -903,7 +904,7 @@ mod tests {
                 .existing
                 .iter()
                 .enumerate()
-                .filter(|(i, _)| !set.contains(i))
+                .filter(|(i, e)| !set.contains(i) && e.healthy)
                 .map(|(_, e)| e)
                 .collect();
             check(&c, &live, u32::try_from(set.len()).unwrap(), &r);

@@ -637,6 +637,7 @@ pub async fn start_member(
     let (controller, settings) = tokio::sync::watch::channel(crate::controller::Settings {
         tick: crate::controller::DEFAULT_TICK,
         node_down_timeout: DEFAULT_NODE_DOWN_TIMEOUT,
+        replica_replenish_wait: crate::controller::DEFAULT_REPLICA_REPLENISH_WAIT,
     });
     crate::controller::spawn(raft.clone(), sm.clone(), settings);
     Ok(MetaMember {
@@ -655,6 +656,16 @@ impl MetaMember {
         self.node_down_timeout = timeout;
         self.controller
             .send_modify(|s| s.node_down_timeout = timeout);
+        self
+    }
+
+    /// Sets how long the controllers wait, after a node went DOWN, before its
+    /// replicas are replaced on other nodes (default
+    /// [`crate::controller::DEFAULT_REPLICA_REPLENISH_WAIT`]).
+    #[must_use]
+    pub fn with_replica_replenish_wait(self, wait: Duration) -> Self {
+        self.controller
+            .send_modify(|s| s.replica_replenish_wait = wait);
         self
     }
 

@@ -36,6 +36,12 @@ pub struct MetaArgs {
     /// Heartbeat answers it, so agents heartbeat well within it.
     #[arg(long, default_value = "10s")]
     node_down_timeout: humantime::Duration,
+    /// How long the replicas of a DOWN node are waited for, counted after `--node-down-timeout`,
+    /// before meta replaces them on other nodes and has them rebuilt, e.g. `10m` or `30s`. A
+    /// node back sooner keeps its replicas (its volumes' engines resync them); one back later
+    /// finds them deleted and its agent removes their data.
+    #[arg(long, default_value = "10m")]
+    replica_replenish_wait: humantime::Duration,
 }
 
 fn parse_members(s: &str) -> Result<BTreeMap<u64, String>, String> {
@@ -88,7 +94,8 @@ async fn serve(args: MetaArgs) -> anyhow::Result<ExitCode> {
     let member = cairn_meta::start_member(args.id, &args.data_dir)
         .await
         .map_err(|e| anyhow::anyhow!("start member {}: {e}", args.id))?
-        .with_node_down_timeout(args.node_down_timeout.into());
+        .with_node_down_timeout(args.node_down_timeout.into())
+        .with_replica_replenish_wait(args.replica_replenish_wait.into());
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listen on {}", args.listen))?;
