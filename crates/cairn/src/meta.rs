@@ -91,6 +91,12 @@ pub fn run(args: MetaArgs) -> anyhow::Result<ExitCode> {
 async fn serve(args: MetaArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("create {}", args.data_dir.display()))?;
+    let _lock = cairn_replica::lock_data_dir(&args.data_dir)?.with_context(|| {
+        format!(
+            "another cairn meta is running on {}",
+            args.data_dir.display()
+        )
+    })?;
     let member = cairn_meta::start_member(args.id, &args.data_dir)
         .await
         .map_err(|e| anyhow::anyhow!("start member {}: {e}", args.id))?

@@ -239,6 +239,10 @@ pub struct NodeJson {
     pub state: String,
     /// Why the node is in `state`.
     pub state_reason: String,
+    /// `host:port` of the agent's NBD server.
+    pub nbd_address: String,
+    /// `host:port` of the agent's control endpoint.
+    pub control_address: String,
 }
 
 impl From<&Node> for NodeJson {
@@ -252,6 +256,8 @@ impl From<&Node> for NodeJson {
             heartbeat_unix_ms: n.heartbeat_unix_ms,
             state: enum_name(n.state, NodeState::Unspecified, NodeState::cli_name),
             state_reason: n.state_reason.clone(),
+            nbd_address: n.nbd_address.clone(),
+            control_address: n.control_address.clone(),
         }
     }
 }

@@ -72,14 +72,18 @@ fn volume_node_replica_cli_against_meta() {
     assert!(r.stderr.contains("Bad_Name"), "{}", r.stderr);
 
     // Created as `creating`; with no node in the cluster the scheduling controller then
-    // marks it degraded with the reason (one update: version 2).
+    // gives the reason it cannot place replicas (one update: version 2). It stays `creating`
+    // (nothing to rebuild from if it turned faulted).
     let mut list = serde_json::Value::Null;
     wait_until(
-        "the scheduler to mark vol-a degraded",
+        "the scheduler to give vol-a's shortfall",
         Duration::from_secs(30),
         || {
             list = json(&cli(&["volume", "list", "--json"]), "volume list");
-            list[0]["state"] == "degraded"
+            list[0]["state"] == "creating"
+                && list[0]["state_reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("0 of 3 replicas placed"))
         },
     );
     let vols = list.as_array().expect("an array");

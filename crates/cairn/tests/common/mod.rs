@@ -438,7 +438,10 @@ impl RawConn {
 // The cluster tests' helpers (`cairn dev`, network namespaces, real clients, an NBD client).
 mod cluster;
 mod nbd;
+mod nodes;
 #[allow(unused_imports)] // Test binaries that start no cluster use neither.
 pub use cluster::*;
 #[allow(unused_imports)]
 pub use nbd::*;
+#[allow(unused_imports)]
+pub use nodes::*;

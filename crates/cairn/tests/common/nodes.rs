@@ -1,0 +1,298 @@
+//! A multi-node `cairn dev` (meta members + one agent process per node) for tests, and the
+//! record views its CLI prints.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use super::{cairn_bin, children_of, log_path, proc_alive, run_bounded, send_signal, wait_until};
+
+/// A running multi-node `cairn dev`; SIGKILLed when dropped.
+pub struct Cluster {
+    child: Child,
+    _stdout: BufReader<ChildStdout>,
+    pub dir: PathBuf,
+    log: PathBuf,
+    stopped: bool,
+    pub uri: String,
+    /// The meta member the record commands ask (any member answers).
+    pub meta: String,
+}
+
+/// Options of a test cluster: `nodes` agents, `meta` members, a 256 MiB volume of 3 replicas,
+/// a 2 s node-down timeout, a 3 s replenish wait and a 2 s I/O timeout.
+#[derive(Debug, Clone)]
+pub struct ClusterOpts {
+    pub nodes: u16,
+    pub meta: u16,
+    pub size: String,
+    pub extra: Vec<String>,
+}
+
+impl ClusterOpts {
+    pub fn new(nodes: u16) -> ClusterOpts {
+        ClusterOpts {
+            nodes,
+            meta: 1,
+            size: "256MiB".into(),
+            extra: Vec::new(),
+        }
+    }
+
+    pub fn meta(mut self, members: u16) -> ClusterOpts {
+        self.meta = members;
+        self
+    }
+
+    pub fn size(mut self, size: &str) -> ClusterOpts {
+        size.clone_into(&mut self.size);
+        self
+    }
+
+    pub fn arg(mut self, a: &str) -> ClusterOpts {
+        self.extra.push(a.to_owned());
+        self
+    }
+
+    /// Starts `cairn dev` and returns once it printed the volume's URI.
+    pub fn start(&self, dir: &Path) -> Cluster {
+        let log = log_path(dir);
+        let log_file = File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("open cairn dev log");
+        let mut child = Command::new(cairn_bin())
+            .arg("dev")
+            .arg("--data-dir")
+            .arg(dir)
+            .args([
+                "--nodes",
+                &self.nodes.to_string(),
+                "--meta",
+                &self.meta.to_string(),
+            ])
+            .args(["--replicas", "3", "--size", &self.size])
+            .args([
+                "--node-down-timeout",
+                "2s",
+                "--replica-replenish-wait",
+                "3s",
+            ])
+            .args(["--io-timeout", "2s"])
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn cairn dev");
+        let uri = "nbd://127.0.0.1:10809/vol0".to_owned();
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let n = stdout.read_line(&mut line);
+            let _ = tx.send((n, line, stdout));
+        });
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok((Ok(n), line, stdout)) if n > 0 && line.trim() == uri => Cluster {
+                child,
+                _stdout: stdout,
+                dir: dir.to_owned(),
+                log,
+                stopped: false,
+                uri,
+                meta: "127.0.0.1:10811".into(),
+            },
+            other => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let first = other.map(|(_, line, _)| line);
+                panic!(
+                    "cairn dev did not print {uri} (first stdout line {first:?}); log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        }
+    }
+}
+
+impl Cluster {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `cairn ARGS` (default meta and control endpoints); panics unless it exits 0.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let r = run_bounded(
+            Command::new(cairn_bin()).args(args),
+            Duration::from_secs(120),
+        );
+        r.expect_success(&format!("cairn {}", args.join(" ")));
+        r.stdout
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.cli(args);
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("cairn {args:?}: not JSON ({e}): {out}"))
+    }
+
+    /// `cairn replica list --volume vol0 --json`.
+    pub fn replicas(&self) -> Vec<serde_json::Value> {
+        self.json(&[
+            "replica", "list", "--volume", "vol0", "--json", "--meta", &self.meta,
+        ])
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    }
+
+    /// `cairn volume get vol0 --json`.
+    pub fn volume(&self) -> serde_json::Value {
+        self.json(&["volume", "get", "vol0", "--json", "--meta", &self.meta])
+    }
+
+    /// `cairn node list --json`.
+    pub fn nodes(&self) -> Vec<serde_json::Value> {
+        self.json(&["node", "list", "--json"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The engine's status of vol0 (node-1's control endpoint).
+    pub fn status(&self) -> serde_json::Value {
+        self.json(&["volume", "status", "vol0", "--json"])
+    }
+
+    /// Asserts `cairn volume verify vol0` exits 0: every RW replica has the same digest.
+    pub fn assert_verified(&self, what: &str) {
+        let r = run_bounded(
+            Command::new(cairn_bin()).args(["volume", "verify", "vol0"]),
+            Duration::from_secs(300),
+        );
+        assert!(
+            r.success(),
+            "{what}: cairn volume verify:\n{}{}",
+            r.stdout,
+            r.stderr
+        );
+    }
+
+    /// Node `name`'s data directory.
+    pub fn node_dir(&self, name: &str) -> PathBuf {
+        self.dir.join("nodes").join(name)
+    }
+
+    /// Directory of replica `replica` of vol0 on node `node`.
+    pub fn replica_dir(&self, node: &str, replica: &str) -> PathBuf {
+        self.node_dir(node)
+            .join("replicas")
+            .join("vol0")
+            .join(replica)
+    }
+
+    /// The pid of node `name`'s agent, checked to be a child of `cairn dev`.
+    pub fn agent_pid(&self, name: &str) -> u32 {
+        let path = self.node_dir(name).join("agent.pid");
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        let pid: u32 = text.trim().parse().expect("pid file holds a pid");
+        assert!(
+            children_of(self.pid()).contains(&pid),
+            "agent of {name} (pid {pid}) is not a child of cairn dev {}",
+            self.pid()
+        );
+        pid
+    }
+
+    /// SIGKILLs node `name`'s agent and waits until it is dead; returns its pid.
+    pub fn kill_agent(&self, name: &str) -> u32 {
+        let pid = self.agent_pid(name);
+        send_signal(pid, libc::SIGKILL);
+        wait_until(
+            &format!("agent of {name} (pid {pid}) to die"),
+            Duration::from_secs(10),
+            || !proc_alive(pid),
+        );
+        pid
+    }
+
+    /// Kills node `name`'s agent and takes its replica directory's lock, so the agent
+    /// `cairn dev` restarts cannot start until the returned lock is dropped (the node stays
+    /// dead). `cairn dev` restarts an agent 1 s after it died at the earliest.
+    pub fn kill_agent_and_hold(&self, name: &str) -> File {
+        self.kill_agent(name);
+        let dir = self.node_dir(name).join("replicas");
+        let mut lock = None;
+        wait_until(
+            &format!("the dead agent's lock of {name} (before cairn dev restarts it)"),
+            Duration::from_millis(800),
+            || {
+                lock = cairn_replica::lock_data_dir(&dir).expect("lock the replica directory");
+                lock.is_some()
+            },
+        );
+        lock.expect("held")
+    }
+
+    /// Stops `cairn dev` with SIGTERM and asserts it exits 0 within 60 s with every process
+    /// it started gone.
+    pub fn stop(&mut self) {
+        let children = children_of(self.pid());
+        send_signal(self.pid(), libc::SIGTERM);
+        let mut status = None;
+        wait_until(
+            "cairn dev to exit after SIGTERM",
+            Duration::from_secs(60),
+            || {
+                status = self.child.try_wait().expect("wait");
+                status.is_some()
+            },
+        );
+        self.stopped = true;
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "cairn dev exit: {status:?}\n{}",
+            self.log()
+        );
+        for pid in children {
+            wait_until(
+                &format!("child {pid} to be gone"),
+                Duration::from_secs(10),
+                || !proc_alive(pid),
+            );
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if !self.stopped {
+            let children = children_of(self.pid());
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            for pid in children {
+                send_signal(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// The non-deleted replica records in `replicas`.
+pub fn live(replicas: &[serde_json::Value]) -> Vec<&serde_json::Value> {
+    replicas.iter().filter(|r| r["deleted"] == false).collect()
+}
+
+/// A record field as a string.
+pub fn s<'a>(v: &'a serde_json::Value, field: &str) -> &'a str {
+    v[field].as_str().unwrap_or("")
+}
