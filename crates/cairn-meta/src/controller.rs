@@ -19,7 +19,10 @@
 //!    node-down timeout (0 = never heartbeated counts as old) becomes DOWN with
 //!    the reason "no heartbeat for Ns" (N: whole seconds since its last
 //!    heartbeat); every non-deleted replica on a stale node that is not
-//!    already mode ERR and health FAILED gets both, with the same reason. The
+//!    already mode ERR and health FAILED gets both, with the same reason,
+//!    except a volume's last RW replica: it holds every acknowledged write
+//!    and stays RW (the volume is FAULTED while its node is down), so that
+//!    after a whole-cluster outage an engine can start from it. The
 //!    node and its replicas are written in one batch, and the tick ends there
 //!    (the volumes are looked at on the next one). A node that heartbeats
 //!    again is set UP by Heartbeat itself; its replicas stay ERR until its
@@ -265,6 +268,14 @@ pub fn node_health(
 ) -> Vec<Command> {
     let timeout_ms = u64::try_from(node_down_timeout.as_millis()).unwrap_or(u64::MAX);
     let mut out = Vec::new();
+    // RW replicas per volume still left RW by the records and the fails decided so far.
+    let mut rw_left: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for r in replicas
+        .iter()
+        .filter(|r| !r.deleted && r.mode == i32::from(ReplicaMode::Rw))
+    {
+        *rw_left.entry(r.volume.as_str()).or_default() += 1;
+    }
     for n in nodes {
         let silent_ms = now_ms.saturating_sub(n.heartbeat_unix_ms);
         if n.heartbeat_unix_ms != 0 && silent_ms <= timeout_ms {
@@ -289,6 +300,16 @@ pub fn node_health(
             if r.mode == i32::from(ReplicaMode::Err) && r.health == i32::from(ReplicaHealth::Failed)
             {
                 continue;
+            }
+            if r.mode == i32::from(ReplicaMode::Rw) {
+                let left = rw_left.entry(r.volume.as_str()).or_default();
+                if *left <= 1 {
+                    // The volume's last RW replica holds every acknowledged write: it stays
+                    // RW so that an engine can start from it when its node is back (a
+                    // whole-cluster restart must not leave a volume with no RW replica).
+                    continue;
+                }
+                *left -= 1;
             }
             let mut failed = r.clone();
             failed.mode = ReplicaMode::Err.into();
@@ -699,6 +720,36 @@ mod tests {
         down.state_reason = "no heartbeat for 3s".into();
         let failed = replica("r0", "a", ReplicaMode::Err, ReplicaHealth::Failed);
         assert!(node_health(20_000, Duration::from_secs(1), &[down], &[failed]).is_empty());
+    }
+
+    #[test]
+    fn whole_cluster_down_keeps_one_rw_replica_per_volume() {
+        let nodes = [
+            node("a", 10_000, NodeState::Up),
+            node("b", 10_000, NodeState::Up),
+            node("c", 10_000, NodeState::Up),
+        ];
+        let reps = [
+            replica("r0", "a", ReplicaMode::Rw, ReplicaHealth::Healthy),
+            replica("r1", "b", ReplicaMode::Rw, ReplicaHealth::Healthy),
+            replica("r2", "c", ReplicaMode::Rw, ReplicaHealth::Healthy),
+        ];
+        let out = node_health(60_000, Duration::from_secs(1), &nodes, &reps);
+        let failed: Vec<String> = out
+            .iter()
+            .flat_map(|c| puts(c))
+            .filter(|p| p.0 == "replica")
+            .map(|p| p.1)
+            .collect();
+        assert_eq!(failed, ["r0", "r1"], "r2, the last RW one, stays RW");
+        // With r0 and r1 written ERR, r2 is still left alone on later ticks.
+        let later = [
+            replica("r0", "a", ReplicaMode::Err, ReplicaHealth::Failed),
+            replica("r1", "b", ReplicaMode::Err, ReplicaHealth::Failed),
+            reps[2].clone(),
+        ];
+        let out = node_health(70_000, Duration::from_secs(1), &nodes, &later);
+        assert!(out.iter().flat_map(|c| puts(c)).all(|p| p.0 != "replica"));
     }
 
     fn volume(state: VolumeState, count: u32) -> Volume {

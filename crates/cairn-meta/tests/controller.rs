@@ -581,24 +581,17 @@ async fn only_copy_on_a_down_node_is_not_replaced() {
         }
     })
     .await;
-    let why = get_node(&mut one.client, "a").await.state_reason;
     assert_eq!(v.state, i32::from(VolumeState::Faulted));
     assert_eq!(
         v.state_reason,
-        format!(
-            "no RW replica: vol-r0 on a ERR ({why}); replica vol-r0 on down node a is not \
-             replaced: no other RW replica on an up node"
-        )
+        "no RW replica: vol-r0 on a RW but its node is down; replica vol-r0 on down node a is \
+         not replaced: no other RW replica on an up node"
     );
+    // The only copy holds every acknowledged write: node health leaves it RW (unwritten),
+    // so an engine can start from it once its node is back.
     assert_eq!(
         replicas_of(&mut one.client, "vol").await,
-        [Replica {
-            version: 2,
-            mode: ReplicaMode::Err.into(),
-            health: ReplicaHealth::Failed.into(),
-            health_reason: why,
-            ..placed("vol-r0", "vol", "a", true)
-        }]
+        [placed("vol-r0", "vol", "a", true)]
     );
 }
 

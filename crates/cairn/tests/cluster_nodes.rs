@@ -527,3 +527,47 @@ fn agent_killed_mid_rebuild_has_the_rebuild_restarted_and_data_intact() {
     wait_cleaned_up(&c, &victim, &old, Duration::from_secs(90));
     c.stop();
 }
+
+#[test]
+fn whole_cluster_restarted_after_every_node_was_down_serves_the_data() {
+    if !enter_private_netns() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let mut c = ClusterOpts::new(3).start(&dir);
+    let want = write_data(16 << 20, 0x505);
+    c.stop();
+    drop(c);
+    // Restart with every agent kept from starting until meta has declared every node down
+    // (as after a power loss longer than the node-down timeout).
+    let locks: Vec<std::fs::File> = (1..=3)
+        .map(|j| {
+            let d = dir.join("nodes").join(format!("node-{j}")).join("replicas");
+            cairn_replica::lock_data_dir(&d)
+                .expect("lock")
+                .expect("no agent runs")
+        })
+        .collect();
+    let starter = {
+        let dir = dir.clone();
+        std::thread::spawn(move || ClusterOpts::new(3).start(&dir))
+    };
+    wait_until("every node down", Duration::from_secs(60), || {
+        let r = run_bounded(
+            Command::new(cairn_bin()).args(["node", "list", "--json"]),
+            Duration::from_secs(10),
+        );
+        r.success()
+            && serde_json::from_str::<Vec<serde_json::Value>>(&r.stdout)
+                .is_ok_and(|ns| ns.len() == 3 && ns.iter().all(|n| s(n, "state") == "down"))
+    });
+    drop(locks);
+    let mut c = starter.join().expect("cairn dev serves again");
+    assert_data(&want, "data after the whole-cluster restart");
+    wait_until("vol0 healthy", Duration::from_secs(120), || {
+        s(&c.volume(), "state") == "healthy"
+    });
+    c.assert_verified("after the whole-cluster restart");
+    c.stop();
+}
