@@ -737,7 +737,7 @@ mod tests {
         let out = node_health(60_000, Duration::from_secs(1), &nodes, &reps);
         let failed: Vec<String> = out
             .iter()
-            .flat_map(|c| puts(c))
+            .flat_map(puts)
             .filter(|p| p.0 == "replica")
             .map(|p| p.1)
             .collect();
@@ -749,7 +749,7 @@ mod tests {
             reps[2].clone(),
         ];
         let out = node_health(70_000, Duration::from_secs(1), &nodes, &later);
-        assert!(out.iter().flat_map(|c| puts(c)).all(|p| p.0 != "replica"));
+        assert!(out.iter().flat_map(puts).all(|p| p.0 != "replica"));
     }
 
     fn volume(state: VolumeState, count: u32) -> Volume {
