@@ -114,62 +114,53 @@ fn replica_node(c: &Cluster, not: &str) -> (String, String) {
 }
 
 /// Waits until `old` is marked deleted (stale) and vol0 is healthy again with 3 live RW
-/// replicas, none of them on `dead`; returns the replacement's (name, node).
+/// replicas on distinct nodes, none on `dead`; returns the replacement's (name, node): the
+/// live replica with the highest number.
 fn wait_replaced(c: &Cluster, old: &str, dead: &str, limit: Duration) -> (String, String) {
-    let mut last = Vec::new();
-    let mut vol = serde_json::Value::Null;
     let deadline = std::time::Instant::now() + limit;
-    loop {
-        last = c.replicas();
-        vol = c.volume();
-        let old_gone = last
+    let last = loop {
+        let reps = c.replicas();
+        let vol = c.volume();
+        let old_gone = reps
             .iter()
             .any(|r| s(r, "name") == old && r["deleted"] == true && s(r, "health") == "stale");
-        let l = live(&last);
+        let l = live(&reps);
         if old_gone
             && l.len() == 3
             && l.iter()
                 .all(|r| s(r, "mode") == "rw" && s(r, "node") != dead)
             && s(&vol, "state") == "healthy"
         {
-            break;
+            break reps;
         }
         if std::time::Instant::now() > deadline {
             let log = c.log();
-            let tail: Vec<&str> = log
+            let warnings: Vec<&str> = log
                 .lines()
                 .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("rebuil"))
                 .collect();
             panic!(
                 "timed out after {limit:?} waiting for {old} on {dead} to be replaced and vol0 \
-                 healthy\nvolume: {vol:#}\nreplicas: {last:#?}\nengine: {:#}\nlog (warnings):\n{}",
+                 healthy\nvolume: {vol:#}\nreplicas: {reps:#?}\nengine: {:#}\nlog (warnings):\n{}",
                 c.status(),
-                tail[tail.len().saturating_sub(80)..].join("\n")
+                warnings[warnings.len().saturating_sub(80)..].join("\n")
             );
         }
         std::thread::sleep(Duration::from_millis(200));
-    }
+    };
     let l = live(&last);
     let mut nodes: Vec<&str> = l.iter().map(|r| s(r, "node")).collect();
     nodes.sort_unstable();
     nodes.dedup();
     assert_eq!(nodes.len(), 3, "replicas on distinct nodes: {last:#?}");
-    let new = l
-        .iter()
-        .find(|r| r["health_reason"].as_str().is_some() && !s(r, "name").is_empty())
-        .map(|_| ())
-        .and_then(|()| {
-            // The replacement is the live replica whose record did not exist before: its name
-            // is the highest-numbered.
-            l.iter().max_by_key(|r| {
-                s(r, "name")
-                    .rsplit('r')
-                    .next()
-                    .and_then(|n| n.parse::<u32>().ok())
-                    .unwrap_or(0)
-            })
-        })
-        .expect("a live replica");
+    let number = |r: &serde_json::Value| {
+        s(r, "name")
+            .rsplit('r')
+            .next()
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    let new = l.iter().max_by_key(|r| number(r)).expect("a live replica");
     (s(new, "name").to_owned(), s(new, "node").to_owned())
 }
 
