@@ -349,15 +349,35 @@ fn create(
         })),
     };
     let addr = &meta.addr;
-    block_on(async {
-        records::client(addr)?
+    let placed = block_on(async {
+        let mut client = records::client(addr)?;
+        client
             .create(CreateRequest { record: Some(rec) })
             .await
             .map_err(|s| match s.code() {
                 tonic::Code::AlreadyExists => user_error(format!("volume {name} already exists")),
                 _ => status_error(addr, &s),
-            })
+            })?;
+        // Say at once when the replicas cannot all be placed (too few nodes or space): the
+        // scheduler decides within a tick; an answer after 5 s is left to `volume get`.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let v = get_volume_async(&mut client, addr, name).await?;
+            let scheduled =
+                v.state != VolumeState::Creating as i32 || v.state_reason.contains("placed");
+            if scheduled || tokio::time::Instant::now() > deadline {
+                return anyhow::Ok(v);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
     })??;
+    if placed.state != VolumeState::Healthy as i32 && !placed.state_reason.is_empty() {
+        eprintln!(
+            "warning: volume {name} is {}: {}",
+            VolumeState::try_from(placed.state).map_or("unknown", |s| s.cli_name()),
+            placed.state_reason
+        );
+    }
     println!("{name}");
     Ok(ExitCode::SUCCESS)
 }

@@ -52,6 +52,13 @@ fn volume_node_replica_cli_against_meta() {
     let r = cli(&["volume", "create", "vol-a", "--size", "1GiB"]);
     r.expect_success("create vol-a");
     assert_eq!(r.stdout.trim(), "vol-a");
+    // No node: the create says so instead of succeeding silently.
+    assert!(
+        r.stderr.contains("warning: volume vol-a is creating")
+            && r.stderr.contains("0 of 3 replicas placed"),
+        "{}",
+        r.stderr
+    );
 
     let r = cli(&["volume", "create", "vol-a", "--size", "1GiB"]);
     assert_eq!(code(&r), Some(1), "duplicate: {r:?}");
