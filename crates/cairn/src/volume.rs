@@ -522,6 +522,15 @@ pub async fn attach_async(
         other => anyhow::bail!("meta answered Get of node {node} with {other:?}"),
     };
     let mut v = get_volume_async(&mut client, addr, name).await?;
+    // Just created: the scheduler places its replicas within a tick.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while v.state == VolumeState::Creating as i32
+        && !v.state_reason.contains("placed")
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        v = get_volume_async(&mut client, addr, name).await?;
+    }
     if v.attached_node == node {
         return Ok((v, n));
     }
