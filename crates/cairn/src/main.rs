@@ -9,6 +9,7 @@ mod agent;
 mod control;
 mod dev;
 mod dev_cluster;
+mod member;
 mod meta;
 mod records;
 mod replica;
@@ -44,6 +45,10 @@ enum Command {
     /// Run one member of the metadata service (Raft group + `cairn.v1.Meta` API) in the
     /// foreground.
     Meta(meta::MetaArgs),
+    /// Members of the metadata service (`--meta`): list them, add one (it catches up, then
+    /// votes), remove one.
+    #[command(subcommand)]
+    Member(member::MemberCommand),
     /// Run the node agent in the foreground: registers the node with the metadata service,
     /// serves the replicas placed on it and runs the engine and NBD export of the volumes
     /// attached to it.
@@ -77,6 +82,7 @@ fn main() -> ExitCode {
         Command::Node(c) => records::run_node(c),
         Command::Dev(a) => dev::run(a),
         Command::Meta(a) => meta::run(a),
+        Command::Member(c) => member::run(c),
         Command::Agent(a) => agent::run(a),
     };
     match result {
