@@ -277,7 +277,7 @@ impl Reconciler {
     fn fail_later(&mut self) {
         let at = tokio::time::Instant::now() + self.backoff;
         self.retry_at = Some(self.retry_at.map_or(at, |r| r.min(at)));
-        self.backoff = (self.backoff * 2).min(Duration::from_secs(30));
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
     }
 
     fn wants_engine(&self, volume: &str) -> bool {
@@ -552,6 +552,16 @@ async fn start_engine(
         heal: node.cfg.heal.clone(),
     })
     .await;
+    let status = engine.status();
+    if !status.replicas.iter().any(|r| r.mode == Mode::Rw) {
+        engine.shutdown();
+        let why: Vec<String> = status
+            .replicas
+            .iter()
+            .map(|r| format!("{}: {}", r.id, r.last_error.as_deref().unwrap_or("not RW")))
+            .collect();
+        return Err(format!("no RW replica reachable ({})", why.join("; ")));
+    }
     Ok(engine)
 }
 

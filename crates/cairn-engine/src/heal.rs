@@ -269,10 +269,14 @@ impl Engine {
             for i in lock(&e.outages).expire(e.cfg.heal.resync_window) {
                 tracing::info!(replica = %e.slot(i).id, "resync window passed; the replica will get a full rebuild");
             }
+            // Any replica out: tick every second (backoffs, window expiry); none: sleep
+            // until a failure or a change wakes us.
+            let mut pending = false;
             for (i, slot) in e.slots().into_iter().enumerate() {
                 if slot.removed.load(Ordering::Relaxed) || lock(&e.set).mode(i) != Mode::Err {
                     continue;
                 }
+                pending = true;
                 if lock(&slot.addr).port() == 0 {
                     continue;
                 }
@@ -288,9 +292,13 @@ impl Engine {
                 tokio::spawn(async move { e2.heal_one(i).await });
             }
             drop(e);
-            tokio::select! {
-                () = wake.notified() => {}
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            if pending {
+                tokio::select! {
+                    () = wake.notified() => {}
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            } else {
+                wake.notified().await;
             }
         }
     }

@@ -222,6 +222,9 @@ pub struct Engine {
     resynced_bytes: AtomicU64,
     /// Data-changing requests since the background flush last looked.
     unflushed: AtomicU64,
+    /// Woken by the first data-changing request after a quiet period (the background flush
+    /// sleeps on it while nothing is written).
+    write_wake: Arc<tokio::sync::Notify>,
     background_flushes: AtomicU64,
     /// See `VolumeStatus::flushes_settled`.
     settled: AtomicBool,
@@ -234,6 +237,14 @@ pub struct Engine {
     /// A replica refused our epoch in favour of this newer one: another engine owns the
     /// volume now, so this one stops bringing replicas back.
     superseded: AtomicU64,
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // The background loops hold weak references and may be asleep on these.
+        self.heal_wake.notify_one();
+        self.write_wake.notify_one();
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -302,7 +313,13 @@ impl Engine {
             modes.push(mode);
             slots.push(Arc::new(slot));
         }
-        let changed = modes.iter().zip(&cfg.replicas).any(|(m, s)| *m != s.mode);
+        // With no RW replica reachable the changes are not recorded: the unreachable RW
+        // replicas still hold every acknowledged write, and the next start needs them RW.
+        let any_rw = modes.contains(&Mode::Rw);
+        if !any_rw && cfg.replicas.iter().any(|s| s.mode == Mode::Rw) {
+            tracing::error!(volume = %cfg.volume, "no RW replica reachable; serving nothing until one is back (membership left as recorded)");
+        }
+        let changed = any_rw && modes.iter().zip(&cfg.replicas).any(|(m, s)| *m != s.mode);
         let engine = Arc::new(Engine {
             set: Mutex::new(ReplicaSet::new(modes, None)),
             slots: RwLock::new(slots),
@@ -314,6 +331,7 @@ impl Engine {
             resynced: AtomicU64::new(0),
             resynced_bytes: AtomicU64::new(0),
             unflushed: AtomicU64::new(0),
+            write_wake: Arc::new(tokio::sync::Notify::new()),
             background_flushes: AtomicU64::new(0),
             settled: AtomicBool::new(false),
             rebuild_rate: AtomicU64::new(cfg.heal.rebuild_rate),
@@ -341,7 +359,11 @@ impl Engine {
             ));
         }
         if let Some(every) = engine.cfg.heal.flush_interval {
-            tokio::spawn(Engine::flush_loop(Arc::downgrade(&engine), every));
+            tokio::spawn(Engine::flush_loop(
+                Arc::downgrade(&engine),
+                engine.write_wake.clone(),
+                every,
+            ));
         }
         engine
     }
@@ -400,13 +422,23 @@ impl Engine {
     /// Flushes every replica each `every` while data-changing requests come in, and once
     /// more after they stop: a replica clears a dirty-log mark at the second flush that saw
     /// no write to the region, so two flushes after the last write leave no mark behind.
-    async fn flush_loop(engine: std::sync::Weak<Engine>, every: Duration) {
+    async fn flush_loop(
+        engine: std::sync::Weak<Engine>,
+        wake: Arc<tokio::sync::Notify>,
+        every: Duration,
+    ) {
         let mut one_more = false;
         loop {
             tokio::time::sleep(every).await;
             let Some(e) = engine.upgrade() else { return };
+            if e.closing.load(Ordering::Relaxed) {
+                return;
+            }
             let wrote = e.unflushed.swap(0, Ordering::Relaxed) > 0;
             if !wrote && !one_more {
+                // Quiet: sleep until a request changes data (no timer per idle volume).
+                drop(e);
+                wake.notified().await;
                 continue;
             }
             one_more = wrote;
@@ -824,6 +856,9 @@ impl Engine {
         for s in self.slots() {
             lock(&s.heal).cancel.store(true, Ordering::Relaxed);
         }
+        // Let the background loops see it and end.
+        self.heal_wake.notify_one();
+        self.write_wake.notify_one();
     }
 
     /// Takes replica `i` out of the set, closes its link and persists the membership. An
@@ -866,6 +901,8 @@ impl Engine {
             if !h.running {
                 h.poke();
             }
+            drop(h);
+            self.heal_wake.notify_one();
         }
     }
 
@@ -966,7 +1003,9 @@ impl Engine {
         }
         if let Some(id) = intent {
             lock(&self.outages).end(id);
-            self.unflushed.fetch_add(1, Ordering::Relaxed);
+            if self.unflushed.fetch_add(1, Ordering::Relaxed) == 0 {
+                self.write_wake.notify_one();
+            }
             self.settled.store(false, Ordering::Relaxed);
         }
         match outcome {
