@@ -1,5 +1,5 @@
 //! Leader-only controllers: node health, replica replacement, scheduling,
-//! volume state and volume deletion.
+//! data locality, volume state and volume deletion.
 //!
 //! One tokio task per member ([`spawn`]) ticks every [`Settings::tick`]. On a
 //! tick it acts only while this member is the leader according to
@@ -55,11 +55,37 @@
 //!    eligible when UP (always schedulable: there is no cordon yet) with a
 //!    disk it last heartbeated that has room. New replicas are named
 //!    `<volume>-r<n>` with the smallest `n` not used by any replica record.
-//!    For a CREATING volume (never attached, no data) they start RW/HEALTHY,
+//!    The attaching node goes first when the volume's `data_locality` is
+//!    BEST_EFFORT and the node is eligible. For a CREATING volume (never
+//!    attached, no data) they start RW/HEALTHY,
 //!    [`EMPTY_REPLICA_REASON`]; for any other state (it may hold data) they
 //!    start WO/REBUILDING, [`REBUILD_REPLICA_REASON`], until the volume's
 //!    engine has rebuilt them.
-//! 5. **Volume state** (every volume but a DELETING one), computed on the
+//! 5. **Data locality**, only for a volume whose `data_locality` is
+//!    BEST_EFFORT, that is attached (`attached_node` not empty), not
+//!    CREATING, and only on a tick where 3 and 4 write nothing for it:
+//!    - With no non-deleted replica on the attached node, while the volume is
+//!      healthy (at least `replica_count` non-deleted replicas, every one RW
+//!      on an UP node: load is never added to a degraded volume), and the
+//!      attached node is eligible by the rules of 4
+//!      ([`crate::schedule::place_on`]), ONE extra replica is created there,
+//!      named and started as in 4 (WO/REBUILDING, [`REBUILD_REPLICA_REASON`]):
+//!      the agent running the engine adds and rebuilds it. Scheduling leaves
+//!      the surplus alone (it only adds below `replica_count`).
+//!    - Once the replica on the attached node is RW on an UP node and the
+//!      volume has more RW replicas on UP nodes than `replica_count`, ONE of
+//!      the others is marked `deleted`, health STALE, reason
+//!      "removed for data locality: R on N holds the data" (R, N: the local
+//!      replica and the attached node). The one whose node has the least free
+//!      bytes (summed over its disks) goes, ties by replica name; never the
+//!      last RW replica of a zone unless the remaining ones still span at
+//!      least `replica_count` zones (nodes without a zone form one zone, as in
+//!      placement). When every candidate is protected that way, the surplus
+//!      replica stays.
+//!
+//!    A local replica that does not become RW (rebuild failed, ERR) blocks
+//!    both steps: nothing is removed, and nothing more is added.
+//! 6. **Volume state** (every volume but a DELETING one), computed on the
 //!    records as the batch leaves them: `rw` = non-deleted replicas in mode
 //!    RW on an UP node. HEALTHY when `rw >= replica_count` (empty reason),
 //!    DEGRADED when `1 <= rw < replica_count` ("2 of 3 replicas RW: ..."),
@@ -82,12 +108,13 @@
 //! leaders that stamped the heartbeats (after a leader change, heartbeats are
 //! compared with another member's clock).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cairn_proto::v1::record::Record as R;
 use cairn_proto::v1::{
-    Kind, Node, NodeState, Record, Replica, ReplicaHealth, ReplicaMode, Volume, VolumeState,
+    DataLocality, Kind, Node, NodeState, Record, Replica, ReplicaHealth, ReplicaMode, Volume,
+    VolumeState,
 };
 use openraft::error::{ClientWriteError, RaftError};
 use prost::Message;
@@ -451,7 +478,8 @@ impl VolumePlan<'_> {
 
 /// The write for volume `v` at `now_ms`, if any: its deletion (see
 /// [`delete_volume`]), or one batch with the replacements of its replicas on
-/// long-down nodes, its new replicas and its new state (see the module doc).
+/// long-down nodes, its new replicas, or else its data-locality step, and its
+/// new state (see the module doc).
 #[must_use]
 pub fn reconcile_volume(
     now_ms: u64,
@@ -468,7 +496,7 @@ pub fn reconcile_volume(
         name: v.name.clone(),
         size_bytes: v.size_bytes,
         replica_count: v.replica_count,
-        locality: (!v.attached_node.is_empty()).then(|| v.attached_node.clone()),
+        locality: (best_effort(v) && !v.attached_node.is_empty()).then(|| v.attached_node.clone()),
     };
     let mut plan = VolumePlan {
         v,
@@ -490,6 +518,9 @@ pub fn reconcile_volume(
         }
         plan.notes.extend(result.reason);
     }
+    if plan.writes.is_empty() {
+        data_locality(&mut plan, nodes, &spec, &infos);
+    }
     let (state, reason) = volume_state(v, &plan.reps, nodes, &plan.notes);
     if plan.writes.is_empty() && i32::from(state) == v.state && reason == v.state_reason {
         return None;
@@ -500,6 +531,98 @@ pub fn reconcile_volume(
     let mut batch = plan.writes;
     batch.push(put(Kind::Volume, &v.name, R::Volume(next), v.version));
     Some(Command::Batch(batch))
+}
+
+fn best_effort(v: &Volume) -> bool {
+    v.data_locality == i32::from(DataLocality::BestEffort)
+}
+
+/// Free bytes of node `name`, summed over its disks (0 when unknown).
+fn node_free(nodes: &[Node], name: &str) -> u64 {
+    nodes.iter().find(|n| n.name == name).map_or(0, |n| {
+        n.disks
+            .iter()
+            .fold(0, |sum: u64, d| sum.saturating_add(d.free_bytes))
+    })
+}
+
+/// Zone of node `name`; `None` for no label (or an unknown node).
+fn node_zone<'a>(nodes: &'a [Node], name: &str) -> Option<&'a str> {
+    nodes
+        .iter()
+        .find(|n| n.name == name)
+        .and_then(|n| (!n.zone.is_empty()).then_some(n.zone.as_str()))
+}
+
+/// The data-locality controller's part of `plan` (module doc, 5); acts only
+/// on a plan that writes nothing yet.
+fn data_locality(plan: &mut VolumePlan<'_>, nodes: &[Node], spec: &VolumeSpec, infos: &[NodeInfo]) {
+    let v = plan.v;
+    let here = v.attached_node.as_str();
+    let count = usize::try_from(v.replica_count).unwrap_or(usize::MAX);
+    if !best_effort(v)
+        || here.is_empty()
+        || count == 0
+        || v.state == i32::from(VolumeState::Creating)
+        || !plan.writes.is_empty()
+    {
+        return;
+    }
+    let live: Vec<&Replica> = plan.reps.iter().filter(|r| !r.deleted).collect();
+    let Some(local) = live.iter().find(|r| r.node == here) else {
+        let healthy = live.len() >= count && live.iter().all(|r| is_rw_up(r, nodes));
+        if healthy {
+            if let Some(p) = schedule::place_on(spec, infos, &existing(&plan.reps), here) {
+                plan.create(&p);
+            }
+        }
+        return;
+    };
+    if !is_rw_up(local, nodes) {
+        return;
+    }
+    let local = local.name.clone();
+    let rw: Vec<&Replica> = live
+        .iter()
+        .copied()
+        .filter(|r| is_rw_up(r, nodes))
+        .collect();
+    if rw.len() <= count {
+        return;
+    }
+    let mut per_zone: BTreeMap<Option<&str>, usize> = BTreeMap::new();
+    for r in &rw {
+        *per_zone.entry(node_zone(nodes, &r.node)).or_default() += 1;
+    }
+    let victim = rw
+        .iter()
+        .filter(|r| r.node != here)
+        .filter(|r| {
+            let shared = per_zone
+                .get(&node_zone(nodes, &r.node))
+                .is_some_and(|&n| n > 1);
+            shared || per_zone.len() > count
+        })
+        .min_by(|a, b| {
+            node_free(nodes, &a.node)
+                .cmp(&node_free(nodes, &b.node))
+                .then(a.name.cmp(&b.name))
+        })
+        .map(|r| r.name.clone());
+    let Some(victim) = victim else { return };
+    let Some(old) = plan.reps.iter_mut().find(|r| r.name == victim) else {
+        return;
+    };
+    old.deleted = true;
+    old.health = ReplicaHealth::Stale.into();
+    old.health_reason = format!("removed for data locality: {local} on {here} holds the data");
+    let write = put(
+        Kind::Replica,
+        &old.name,
+        R::Replica(old.clone()),
+        old.version,
+    );
+    plan.writes.push(write);
 }
 
 /// The replacement controller's part of `plan`.
@@ -573,7 +696,7 @@ fn replace_down(
 }
 
 /// A volume's state and reason given its replica records `reps` (see the
-/// module doc, 5); `notes` say what could not be placed or replaced.
+/// module doc, 6); `notes` say what could not be placed or replaced.
 fn volume_state(
     v: &Volume,
     reps: &[Replica],
@@ -974,6 +1097,203 @@ mod tests {
             "{}",
             the_volume(&p).state_reason
         );
+    }
+
+    fn local_volume(locality: DataLocality, attached: &str) -> Volume {
+        Volume {
+            data_locality: locality.into(),
+            attached_node: attached.into(),
+            ..volume(VolumeState::Healthy, 2)
+        }
+    }
+
+    fn with_free(mut n: Node, free: u64) -> Node {
+        n.disks[0].free_bytes = free;
+        n.disks[0].capacity_bytes = free;
+        n
+    }
+
+    #[test]
+    fn best_effort_adds_a_local_replica_only_when_healthy_and_eligible() {
+        let nodes = [
+            node("a", 1, NodeState::Up),
+            node("b", 1, NodeState::Up),
+            node("c", 1, NodeState::Up),
+        ];
+        let rw = |n: &str, node: &str| replica(n, node, ReplicaMode::Rw, ReplicaHealth::Healthy);
+        let reps = [rw("vol-r0", "a"), rw("vol-r1", "b")];
+        let v = local_volume(DataLocality::BestEffort, "c");
+        let p = puts(&reconcile_volume(2, &S, &v, &nodes, &reps).unwrap());
+        let added = replica_puts(&p);
+        assert_eq!(added.len(), 1, "{added:?}");
+        assert_eq!(
+            added[0],
+            (
+                Some(0),
+                Replica {
+                    name: "vol-r2".into(),
+                    version: 0,
+                    volume: "vol".into(),
+                    node: "c".into(),
+                    disk: "/d0".into(),
+                    mode: ReplicaMode::Wo.into(),
+                    health: ReplicaHealth::Rebuilding.into(),
+                    health_reason: REBUILD_REPLICA_REASON.into(),
+                    deleted: false,
+                }
+            )
+        );
+        let next = the_volume(&p);
+        assert_eq!(next.state, i32::from(VolumeState::Healthy));
+        assert_eq!(next.state_reason, "");
+
+        // Steady once added: a WO local replica is waited for.
+        let mut grown = reps.to_vec();
+        grown.push(added[0].1.clone());
+        assert!(reconcile_volume(3, &S, &v, &nodes, &grown).is_none());
+
+        // Not while degraded (a replica not RW, or too few), not on an ineligible node.
+        let degraded = [
+            rw("vol-r0", "a"),
+            replica("vol-r1", "b", ReplicaMode::Wo, ReplicaHealth::Rebuilding),
+        ];
+        let d = Volume {
+            state: VolumeState::Degraded.into(),
+            state_reason: "1 of 2 replicas RW: vol-r1 on b rebuilding".into(),
+            ..v.clone()
+        };
+        assert!(reconcile_volume(2, &S, &d, &nodes, &degraded).is_none());
+        let b_down = [
+            nodes[0].clone(),
+            node("b", 1, NodeState::Down),
+            nodes[2].clone(),
+        ];
+        let cmd = reconcile_volume(2, &S, &v, &b_down, &reps).unwrap();
+        assert!(
+            replica_puts(&puts(&cmd)).is_empty(),
+            "vol-r1's node is down"
+        );
+        let full = [
+            nodes[0].clone(),
+            nodes[1].clone(),
+            with_free(node("c", 1, NodeState::Up), 0),
+        ];
+        assert!(reconcile_volume(2, &S, &v, &full, &reps).is_none());
+        let down = [
+            nodes[0].clone(),
+            nodes[1].clone(),
+            node("c", 1, NodeState::Down),
+        ];
+        assert!(reconcile_volume(2, &S, &v, &down, &reps).is_none());
+        let held = [
+            rw("vol-r0", "a"),
+            rw("vol-r1", "b"),
+            Replica {
+                deleted: true,
+                ..replica("vol-r2", "c", ReplicaMode::Err, ReplicaHealth::Stale)
+            },
+        ];
+        assert!(reconcile_volume(2, &S, &v, &nodes, &held).is_none());
+
+        // Disabled, unspecified, detached: untouched.
+        for off in [
+            local_volume(DataLocality::Disabled, "c"),
+            local_volume(DataLocality::Unspecified, "c"),
+            local_volume(DataLocality::BestEffort, ""),
+        ] {
+            assert!(reconcile_volume(2, &S, &off, &nodes, &reps).is_none());
+        }
+    }
+
+    #[test]
+    fn best_effort_removes_one_surplus_once_the_local_replica_is_rw() {
+        let nodes = [
+            with_free(node("a", 1, NodeState::Up), 50),
+            with_free(node("b", 1, NodeState::Up), 20),
+            with_free(node("c", 1, NodeState::Up), 20),
+            node("d", 1, NodeState::Up),
+        ];
+        let rw = |n: &str, node: &str| replica(n, node, ReplicaMode::Rw, ReplicaHealth::Healthy);
+        let v = local_volume(DataLocality::BestEffort, "d");
+        let reps = [
+            rw("vol-r0", "a"),
+            rw("vol-r1", "c"),
+            rw("vol-r2", "b"),
+            rw("vol-r3", "d"),
+        ];
+        // b and c have the least free bytes: the tie goes to the smaller name, vol-r1.
+        let v3 = Volume {
+            replica_count: 3,
+            ..v.clone()
+        };
+        let p = puts(&reconcile_volume(2, &S, &v3, &nodes, &reps).unwrap());
+        let removed = replica_puts(&p);
+        assert_eq!(
+            removed,
+            [(
+                Some(2),
+                Replica {
+                    deleted: true,
+                    health: ReplicaHealth::Stale.into(),
+                    health_reason: "removed for data locality: vol-r3 on d holds the data".into(),
+                    version: 0,
+                    ..reps[1].clone()
+                }
+            )]
+        );
+        let next = the_volume(&p);
+        assert_eq!(next.state, i32::from(VolumeState::Healthy));
+        assert_eq!(next.state_reason, "");
+        // One per tick: with vol-r1 deleted, 3 RW for 3 wanted: nothing more.
+        let after = [
+            rw("vol-r0", "a"),
+            removed[0].1.clone(),
+            rw("vol-r2", "b"),
+            rw("vol-r3", "d"),
+        ];
+        assert!(reconcile_volume(3, &S, &v3, &nodes, &after).is_none());
+
+        // Only while the local replica is RW.
+        let wo = [
+            rw("vol-r0", "a"),
+            rw("vol-r1", "c"),
+            replica("vol-r3", "d", ReplicaMode::Wo, ReplicaHealth::Rebuilding),
+        ];
+        assert!(reconcile_volume(2, &S, &v, &nodes, &wo).is_none());
+
+        // Disabled: the surplus stays.
+        let off = local_volume(DataLocality::Disabled, "d");
+        assert!(reconcile_volume(2, &S, &off, &nodes, &reps[1..]).is_none());
+    }
+
+    #[test]
+    fn best_effort_keeps_the_last_replica_of_a_zone() {
+        let zoned = |name: &str, zone: &str, free: u64| Node {
+            zone: zone.into(),
+            ..with_free(node(name, 1, NodeState::Up), free)
+        };
+        // b has the least free bytes but is z2's only replica; a shares z1 with d.
+        let nodes = [
+            zoned("a", "z1", 50),
+            zoned("b", "z2", 10),
+            zoned("d", "z1", 50),
+        ];
+        let rw = |n: &str, node: &str| replica(n, node, ReplicaMode::Rw, ReplicaHealth::Healthy);
+        let reps = [rw("vol-r0", "a"), rw("vol-r1", "b"), rw("vol-r2", "d")];
+        let v = local_volume(DataLocality::BestEffort, "d");
+        let p = puts(&reconcile_volume(2, &S, &v, &nodes, &reps).unwrap());
+        let removed: Vec<String> = replica_puts(&p).into_iter().map(|(_, r)| r.name).collect();
+        assert_eq!(removed, ["vol-r0"]);
+
+        // Three zones for two replicas: b (least free) may go, two zones remain.
+        let nodes = [
+            zoned("a", "z1", 50),
+            zoned("b", "z2", 10),
+            zoned("d", "z3", 50),
+        ];
+        let p = puts(&reconcile_volume(2, &S, &v, &nodes, &reps).unwrap());
+        let removed: Vec<String> = replica_puts(&p).into_iter().map(|(_, r)| r.name).collect();
+        assert_eq!(removed, ["vol-r1"]);
     }
 
     #[test]

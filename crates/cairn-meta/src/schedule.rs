@@ -18,7 +18,9 @@
 //! 2. **Disk choice.** On a node, the replica goes to the disk with the most
 //!    free bytes among those that fit (ties: smallest path).
 //! 3. **Data locality (best effort).** When [`VolumeSpec::locality`] names an
-//!    eligible node, that node gets the first new replica.
+//!    eligible node, that node gets the first new replica. [`place_on`] asks
+//!    for one replica on a given node only (rules 1 and 2), for the
+//!    controller that moves a healthy volume's data next to its engine.
 //! 4. **Zone spread.** Each further replica goes to a zone holding the fewest
 //!    replicas of the volume so far (counting the live replicas and the ones
 //!    placed in this call), so distinct zones are used first and replicas are
@@ -164,6 +166,25 @@ pub fn replace(
         spec.name
     );
     plan.into_result(needed, summary, spec.size_bytes)
+}
+
+/// One more replica of `spec` on the node named `node` itself, when that
+/// node is eligible (rule 1; the disk by rule 2); `None` otherwise, including
+/// when no node has that name. `existing` excludes nodes as in [`place`];
+/// `replica_count` and `locality` are not looked at.
+pub fn place_on(
+    spec: &VolumeSpec,
+    nodes: &[NodeInfo],
+    existing: &[ExistingReplica],
+    node: &str,
+) -> Option<Placement> {
+    let holding: BTreeSet<&str> = existing.iter().map(|r| r.node.as_str()).collect();
+    let n = nodes.iter().find(|n| n.name == node)?;
+    let disk = eligibility(n, &holding, spec.size_bytes).ok()?;
+    Some(Placement {
+        node: n.name.clone(),
+        disk: disk.path.clone(),
+    })
 }
 
 /// Why a node cannot take a replica.
@@ -596,6 +617,26 @@ mod tests {
         let r = place(&s, &nodes, &[replica("b", false)]);
         assert_eq!(names(&r), ["a"]);
         assert_eq!(r.shortfall, 1);
+    }
+
+    #[test]
+    fn place_on_only_an_eligible_named_node() {
+        let mut down = node("d", None, 9 * GIB);
+        down.up = false;
+        let nodes = [node("a", None, 5 * GIB), node("b", None, GIB / 2), down];
+        let s = spec(GIB, 1);
+        let on = |n: &str, existing: &[ExistingReplica]| place_on(&s, &nodes, existing, n);
+        assert_eq!(
+            on("a", &[replica("x", true)]),
+            Some(Placement {
+                node: "a".into(),
+                disk: "/d0".into()
+            })
+        );
+        assert_eq!(on("a", &[replica("a", false)]), None, "holds a deleted one");
+        assert_eq!(on("b", &[]), None, "no room");
+        assert_eq!(on("d", &[]), None, "down");
+        assert_eq!(on("unknown", &[]), None);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! Meta client with heartbeats simulated: scheduling a volume's replicas onto
 //! heartbeating nodes, a volume that cannot be fully placed, a node that stops
 //! heartbeating, the replacement of its replicas after the replenish wait (or
-//! not), the volume state as agents report replicas, and volume deletion.
+//! not), the volume state as agents report replicas, best-effort data
+//! locality moving a replica to the attached node, and volume deletion.
 //!
 //! Every wait polls a condition until a deadline, so a controller that does
 //! not act fails the test instead of hanging it. A "nothing happened" check
@@ -21,8 +22,8 @@ use std::time::{Duration, Instant};
 use cairn_proto::v1::meta_client::MetaClient;
 use cairn_proto::v1::record::Record as R;
 use cairn_proto::v1::{
-    CreateRequest, Disk, GetRequest, HeartbeatRequest, Key, Kind, ListRequest, Node, NodeState,
-    Record, Replica, ReplicaHealth, ReplicaMode, UpdateRequest, Volume, VolumeState,
+    CreateRequest, DataLocality, Disk, GetRequest, HeartbeatRequest, Key, Kind, ListRequest, Node,
+    NodeState, Record, Replica, ReplicaHealth, ReplicaMode, UpdateRequest, Volume, VolumeState,
 };
 use tonic::transport::Channel;
 
@@ -140,6 +141,15 @@ where
 }
 
 async fn create_volume(client: &mut Client, name: &str, replicas: u32) {
+    create_volume_with(client, name, replicas, DataLocality::Unspecified).await;
+}
+
+async fn create_volume_with(
+    client: &mut Client,
+    name: &str,
+    replicas: u32,
+    locality: DataLocality,
+) {
     client
         .create(CreateRequest {
             record: Some(Record {
@@ -149,6 +159,7 @@ async fn create_volume(client: &mut Client, name: &str, replicas: u32) {
                     replica_count: replicas,
                     state: VolumeState::Creating.into(),
                     state_reason: "waiting for scheduling".into(),
+                    data_locality: locality.into(),
                     ..Default::default()
                 })),
             }),
@@ -722,4 +733,86 @@ async fn attached_deleting_volume_waits_for_detach() {
             ..placed("held-r0", "held", "a", true)
         }]
     );
+}
+
+#[tokio::test]
+async fn best_effort_locality_moves_a_replica_to_the_attached_node() {
+    let mut one = one(Duration::from_secs(60), WAIT).await;
+    for n in ["a", "b", "c", "d"] {
+        heartbeat(&mut one.client, n).await;
+    }
+    create_volume_with(&mut one.client, "vol", 2, DataLocality::BestEffort).await;
+    let mut v = wait_state(&one.client, "vol", VolumeState::Healthy).await;
+    assert_eq!(
+        replicas_of(&mut one.client, "vol").await,
+        [
+            placed("vol-r0", "vol", "a", true),
+            placed("vol-r1", "vol", "b", true),
+        ]
+    );
+
+    // Attached on d, which holds none: one extra replica there, to rebuild.
+    v.attached_node = "d".into();
+    update(&mut one.client, R::Volume(v)).await;
+    let local = wait_for("a replica on d", || {
+        let mut c = one.client.clone();
+        async move {
+            let reps = replicas_of(&mut c, "vol").await;
+            reps.into_iter().find(|r| r.node == "d")
+        }
+    })
+    .await;
+    assert_eq!(local, placed("vol-r2", "vol", "d", false));
+    let v = get_volume(&mut one.client, "vol").await;
+    assert_eq!(v.state, i32::from(VolumeState::Healthy), "{v:?}");
+    assert_eq!(v.state_reason, "");
+
+    // The engine rebuilt it; its agent says so. One of the others goes: a and
+    // b have the same free space, so the smaller name, vol-r0.
+    report(
+        &mut one.client,
+        &local,
+        ReplicaMode::Rw,
+        ReplicaHealth::Healthy,
+        "",
+    )
+    .await;
+    let reps = wait_for("a replica removed for data locality", || {
+        let mut c = one.client.clone();
+        async move {
+            let reps = replicas_of(&mut c, "vol").await;
+            reps.iter().any(|r| r.deleted).then_some(reps)
+        }
+    })
+    .await;
+    assert_eq!(
+        reps,
+        [
+            Replica {
+                version: 2,
+                health: ReplicaHealth::Stale.into(),
+                health_reason: "removed for data locality: vol-r2 on d holds the data".into(),
+                deleted: true,
+                ..placed("vol-r0", "vol", "a", true)
+            },
+            placed("vol-r1", "vol", "b", true),
+            Replica {
+                version: 2,
+                mode: ReplicaMode::Rw.into(),
+                health: ReplicaHealth::Healthy.into(),
+                health_reason: String::new(),
+                ..local
+            },
+        ]
+    );
+    let v = wait_state(&one.client, "vol", VolumeState::Healthy).await;
+    assert_eq!(v.state_reason, "");
+    assert_eq!(v.attached_node, "d");
+    let live: BTreeSet<&str> = reps
+        .iter()
+        .filter(|r| !r.deleted)
+        .map(|r| r.node.as_str())
+        .collect();
+    assert_eq!(live, BTreeSet::from(["b", "d"]));
+    assert_eq!(replicas_of(&mut one.client, "vol").await, reps);
 }
