@@ -562,3 +562,90 @@ fn whole_cluster_restarted_after_every_node_was_down_serves_the_data() {
     c.assert_verified("after the whole-cluster restart");
     c.stop();
 }
+
+#[test]
+fn best_effort_locality_moves_a_replica_to_the_attaching_node() {
+    if !enter_private_netns() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = ClusterOpts::new(4).start(&tmp.path().join("data"));
+    c.cli(&[
+        "volume",
+        "create",
+        "loc",
+        "--size",
+        "64MiB",
+        "--replicas",
+        "2",
+        "--data-locality",
+        "best-effort",
+    ]);
+    let replicas_of_loc = || -> Vec<serde_json::Value> {
+        serde_json::from_str(&c.cli(&["replica", "list", "--volume", "loc", "--json"])).unwrap()
+    };
+    let placed = replicas_of_loc();
+    assert_eq!(live(&placed).len(), 2, "{placed:#?}");
+    let nodes = c.nodes();
+    let target = nodes
+        .iter()
+        .find(|n| placed.iter().all(|r| s(r, "node") != s(n, "name")))
+        .expect("a node without a replica of loc");
+    let (name, nbd, control) = (
+        s(target, "name").to_owned(),
+        s(target, "nbd_address").to_owned(),
+        s(target, "control_address").to_owned(),
+    );
+    let uri = c.cli(&["volume", "attach", "loc", "--node", &name]);
+    assert_eq!(uri.trim(), format!("nbd://{nbd}/loc"));
+    let mut rng = Rng::new(0x506);
+    let data = random_bytes(&mut rng, 8 << 20);
+    let mut nbd_client = NbdClient::connect(&nbd, "loc");
+    for (k, piece) in data.chunks(4 << 20).enumerate() {
+        nbd_client
+            .write((k as u64) * (4 << 20), piece)
+            .expect("write loc");
+    }
+    nbd_client.flush().expect("flush loc");
+
+    let mut last = Vec::new();
+    wait_until(
+        "a local replica RW and one other removed",
+        Duration::from_secs(120),
+        || {
+            last = replicas_of_loc();
+            let l = live(&last);
+            l.len() == 2
+                && l.iter().all(|r| s(r, "mode") == "rw")
+                && l.iter().any(|r| s(r, "node") == name)
+                && last.iter().any(|r| {
+                    r["deleted"] == true
+                        && s(r, "health_reason").starts_with("removed for data locality")
+                })
+        },
+    );
+    let removed = last
+        .iter()
+        .find(|r| r["deleted"] == true)
+        .map(|r| (s(r, "node").to_owned(), s(r, "name").to_owned()))
+        .unwrap();
+    let dir = c
+        .node_dir(&removed.0)
+        .join("replicas")
+        .join("loc")
+        .join(&removed.1);
+    wait_until(
+        "the removed replica's data to be gone",
+        Duration::from_secs(60),
+        || !dir.exists() && replicas_of_loc().iter().all(|r| s(r, "name") != removed.1),
+    );
+    let r = run_bounded(
+        Command::new(cairn_bin()).args(["volume", "verify", "loc", "--endpoint", &control]),
+        Duration::from_secs(120),
+    );
+    assert!(r.success(), "verify loc:\n{}{}", r.stdout, r.stderr);
+    let mut got = nbd_client.read(0, 4 << 20).expect("read loc");
+    got.extend(nbd_client.read(4 << 20, 4 << 20).expect("read loc"));
+    assert_same_bytes(&got, &data, "loc after the move");
+    c.stop();
+}
