@@ -608,25 +608,44 @@ fn best_effort_locality_moves_a_replica_to_the_attaching_node() {
     }
     nbd_client.flush().expect("flush loc");
 
-    let mut last = Vec::new();
-    wait_until(
-        "a local replica RW and one other removed",
-        Duration::from_secs(120),
-        || {
-            last = replicas_of_loc();
-            let l = live(&last);
-            l.len() == 2
-                && l.iter().all(|r| s(r, "mode") == "rw")
-                && l.iter().any(|r| s(r, "node") == name)
-                && last.iter().any(|r| {
-                    r["deleted"] == true
-                        && s(r, "health_reason").starts_with("removed for data locality")
-                })
-        },
-    );
-    let removed = last
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let last = loop {
+        let reps = replicas_of_loc();
+        let l = live(&reps);
+        // The surplus replica is marked deleted ("removed for data locality"), then its
+        // agent removes its data and its record: either may be seen here.
+        for r in &reps {
+            if r["deleted"] == true {
+                assert!(
+                    s(r, "health_reason").starts_with("removed for data locality"),
+                    "{r:#}"
+                );
+            }
+        }
+        let gone = placed
+            .iter()
+            .filter(|p| !l.iter().any(|r| s(r, "name") == s(p, "name")))
+            .count();
+        if l.len() == 2
+            && l.iter().all(|r| s(r, "mode") == "rw")
+            && l.iter().any(|r| s(r, "node") == name)
+            && gone == 1
+        {
+            break reps;
+        }
+        if std::time::Instant::now() > deadline {
+            let vol = c.cli(&["volume", "get", "loc", "--json"]);
+            let status = c.cli(&["volume", "status", "loc", "--json", "--endpoint", &control]);
+            panic!(
+                "no local replica RW with one other removed within 120 s\nvolume: {vol}\n\
+                 replicas: {reps:#?}\nengine: {status}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let removed = placed
         .iter()
-        .find(|r| r["deleted"] == true)
+        .find(|p| !live(&last).iter().any(|r| s(r, "name") == s(p, "name")))
         .map(|r| (s(r, "node").to_owned(), s(r, "name").to_owned()))
         .unwrap();
     let dir = c
