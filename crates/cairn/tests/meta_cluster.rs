@@ -163,11 +163,14 @@ fn meta_cluster_survives_leader_kill_and_member_catches_up() {
         .copied()
         .find(|id| *id != new_leader)
         .unwrap();
+    // Every record is there, the same through both survivors (the scheduling controller
+    // may have updated a volume since it was created: versions are compared, not fixed).
     for name in &created {
-        for via in [new_leader, other] {
-            let r = get(&rt, via, name).unwrap_or_else(|e| panic!("get {name} via {via}: {e}"));
-            assert_eq!(version(&r), 1, "{name} via {via}");
-        }
+        let a = get(&rt, new_leader, name)
+            .unwrap_or_else(|e| panic!("get {name} via {new_leader}: {e}"));
+        let b = get(&rt, other, name).unwrap_or_else(|e| panic!("get {name} via {other}: {e}"));
+        assert!(version(&a) >= 1, "{name}: {a:?}");
+        assert_eq!(a, b, "{name} through {new_leader} and {other}");
     }
     for i in 20..25 {
         let via = if i % 2 == 0 { other } else { new_leader };
@@ -185,7 +188,7 @@ fn meta_cluster_survives_leader_kill_and_member_catches_up() {
     wait_until("the restarted member serves every record", LIMIT, || {
         created
             .iter()
-            .all(|n| get(&rt, killed, n).is_ok_and(|r| version(&r) == 1))
+            .all(|n| get(&rt, killed, n).is_ok_and(|r| version(&r) >= 1))
     });
     let list = rt
         .block_on(client(&rt, killed).list(ListRequest {
