@@ -161,6 +161,15 @@ pub struct VolumeStatus {
     pub superseded_by_epoch: Option<u64>,
 }
 
+/// A snapshot taken by [`Engine::snapshot_create`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SnapshotCreated {
+    /// Creation time recorded on every replica.
+    pub created_unix_ms: u64,
+    /// How long new writes were held: drain, SnapshotCreate on every replica, resume.
+    pub pause_us: u64,
+}
+
 #[derive(Default)]
 struct Stats {
     reads: AtomicU64,
@@ -759,20 +768,90 @@ impl Engine {
         Err(DevError::Io("no replica could list snapshots".into()))
     }
 
-    /// Takes snapshot `name` on every RW and WO replica, ordered after every write
-    /// acknowledged before. Refused while a rebuild or resync runs (its target would miss
-    /// it) and for a name in use.
+    /// Takes snapshot `name` on every RW and WO replica, crash-consistent: new writes are
+    /// held (the submit lock), the requests already queued are drained (every target has
+    /// answered them), then SnapshotCreate goes to every target under one name and creation
+    /// time, and writes resume once every target answered. So every replica's snapshot holds
+    /// the same writes: all that were submitted before, none after. Refused while a rebuild
+    /// or resync runs (its target would miss it) and for a name in use. Succeeds when at
+    /// least one RW replica took it; a replica that fails it goes to ERR (and is rebuilt
+    /// with the chain).
     pub async fn snapshot_create(
         &self,
         name: &str,
         labels: Vec<(String, String)>,
-    ) -> Result<(), String> {
-        self.snapshot_op(name, true, || Request::SnapshotCreate {
+    ) -> Result<SnapshotCreated, String> {
+        self.snapshot_check(name, true).await?;
+        let created_unix_ms = heal::unix_ms();
+        let req = Request::SnapshotCreate {
             name: name.to_owned(),
-            created_unix_ms: heal::unix_ms(),
-            labels: labels.clone(),
+            created_unix_ms,
+            labels,
+        };
+        let (pause, failed, outcome) = {
+            let _g = self.submit.lock().await;
+            let held = std::time::Instant::now();
+            if self.slots().iter().any(|s| lock(&s.heal).running) {
+                return Err("a rebuild or resync is running; try again when it is done".into());
+            }
+            let modes: Vec<(usize, Mode)> = {
+                let set = lock(&self.set);
+                set.write_targets()
+                    .into_iter()
+                    .map(|i| (i, set.mode(i)))
+                    .collect()
+            };
+            if modes.is_empty() {
+                return Err("no replica is left".into());
+            }
+            // Drain: a replica answers in order, so its answer to a Ping queued now means it
+            // has answered every request queued before.
+            let drains = modes.iter().map(|&(i, _)| {
+                let f = self.send(i, Request::Ping);
+                async move { (i, self.answer(f).await) }
+            });
+            let mut failed = Vec::new();
+            let mut live = Vec::new();
+            for (i, r) in futures::future::join_all(drains).await {
+                match r {
+                    Ok(_) => live.push(i),
+                    Err(e) => failed.push((i, e)),
+                }
+            }
+            let creates = live.iter().map(|&i| {
+                let f = self.send(i, req.clone());
+                async move { (i, self.answer(f).await) }
+            });
+            let results = futures::future::join_all(creates).await;
+            let mut fan = Fanout::new(modes);
+            let mut outcome = None;
+            for &(i, _) in &failed {
+                outcome = fan.complete(i, false).or(outcome);
+            }
+            for (i, r) in results {
+                outcome = fan.complete(i, r.is_ok()).or(outcome);
+                if let Err(e) = r {
+                    failed.push((i, e));
+                }
+            }
+            // Replicas that missed the snapshot leave the set before any later write
+            // reaches them (their chain differs: they are rebuilt with it).
+            for (i, e) in &failed {
+                self.fail(*i, e).await;
+            }
+            (held.elapsed(), failed, outcome)
+        };
+        if outcome != Some(Outcome::Done) {
+            let why = failed
+                .first()
+                .map_or_else(|| "no replica took it".to_owned(), |(_, e)| e.to_string());
+            return Err(format!("snapshot {name} failed: {why}"));
+        }
+        self.remember_chains().await;
+        Ok(SnapshotCreated {
+            created_unix_ms,
+            pause_us: u64::try_from(pause.as_micros()).unwrap_or(u64::MAX),
         })
-        .await
     }
 
     /// Deletes snapshot `name` on every RW and WO replica (its data merges into its child).
@@ -789,6 +868,14 @@ impl Engine {
         create: bool,
         req: impl Fn() -> Request,
     ) -> Result<(), String> {
+        self.snapshot_check(name, create).await?;
+        self.fanout(req()).await.map_err(|e| e.to_string())?;
+        self.remember_chains().await;
+        Ok(())
+    }
+
+    /// Refuses a bad name, a running job, a name in use (`create`) or an unknown one.
+    async fn snapshot_check(&self, name: &str, create: bool) -> Result<(), String> {
         // Checked here, not left to the replicas: a request every replica refuses would
         // fail them all.
         let valid = !name.is_empty()
@@ -816,9 +903,12 @@ impl Engine {
         if !create && !exists {
             return Err(format!("no snapshot {name}"));
         }
-        self.fanout(req()).await.map_err(|e| e.to_string())?;
-        // The RW replicas' chains changed: remember them, so a replica that missed this
-        // is not taken for one that can be resynced.
+        Ok(())
+    }
+
+    /// The RW replicas' chains changed: remember them, so a replica that missed the change
+    /// is not taken for one that can be resynced.
+    async fn remember_chains(&self) {
         let rw: Vec<usize> = {
             let set = lock(&self.set);
             (0..set.modes().len())
@@ -830,7 +920,6 @@ impl Engine {
                 self.remember_identity(i, &st).await;
             }
         }
-        Ok(())
     }
 
     /// Queues `req` on replica `i`'s link (FIFO).

@@ -1,10 +1,13 @@
 //! The local control endpoint of `cairn dev`: newline-delimited JSON over TCP on loopback.
 //!
 //! Request: one line such as `{"op":"status","volume":"vol0"}` (ops: status, verify,
-//! replica_add, replica_remove, rebuild_cancel, rebuild_start, rebuild_rate). Reply: one
-//! line, `{"status":...}`, `{"verify":[...]}`, `{"done":"..."}` or `{"error":"..."}`. The `cairn volume` commands are its only clients; the
-//! Raft metadata service replaces it in a later issue.
+//! replica_add, replica_remove, rebuild_cancel, rebuild_start, rebuild_rate,
+//! snapshot_create, snapshot_delete, snapshot_list). Reply: one line, `{"status":...}`,
+//! `{"verify":[...]}`, `{"done":"..."}`, `{"snapshots":[...]}`,
+//! `{"snapshot_created":{...}}` or `{"error":"..."}`. Clients: the `cairn volume` and
+//! `cairn snapshot` commands (which find a volume's endpoint through meta).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -45,9 +48,13 @@ pub enum ControlRequest {
         volume: String,
         bytes_per_sec: u64,
     },
+    /// Crash-consistent snapshot of every replica; replies `SnapshotCreated`.
     SnapshotCreate {
         volume: String,
         name: String,
+        /// Key/value labels stored with the snapshot on every replica.
+        #[serde(default)]
+        labels: BTreeMap<String, String>,
     },
     SnapshotDelete {
         volume: String,
@@ -93,6 +100,9 @@ pub enum ControlReply {
     Done(String),
     /// Snapshots, oldest first.
     Snapshots(Vec<SnapshotView>),
+    /// A snapshot was taken.
+    #[serde(rename = "snapshot_created")]
+    SnapshotCreated(SnapshotCreatedView),
     Error(String),
 }
 
@@ -193,10 +203,19 @@ async fn handle(req: ControlRequest, engines: &Engines) -> ControlReply {
             engine.start_rebuild(&replica),
             format!("rebuild of {replica} requested"),
         ),
-        ControlRequest::SnapshotCreate { name, .. } => done(
-            engine.snapshot_create(&name, Vec::new()).await,
-            format!("snapshot {name} created"),
-        ),
+        ControlRequest::SnapshotCreate { name, labels, .. } => {
+            match engine
+                .snapshot_create(&name, labels.into_iter().collect())
+                .await
+            {
+                Ok(c) => ControlReply::SnapshotCreated(SnapshotCreatedView {
+                    name,
+                    created_unix_ms: c.created_unix_ms,
+                    pause_us: c.pause_us,
+                }),
+                Err(e) => ControlReply::Error(e),
+            }
+        }
         ControlRequest::SnapshotDelete { name, .. } => done(
             engine.snapshot_delete(&name).await,
             format!("snapshot {name} deleted"),
@@ -209,6 +228,7 @@ async fn handle(req: ControlRequest, engines: &Engines) -> ControlReply {
                         parent: s.parent,
                         created_unix_ms: s.created_unix_ms,
                         allocated_bytes: s.allocated_bytes,
+                        labels: s.labels.into_iter().collect(),
                     })
                     .collect(),
             ),
@@ -290,6 +310,19 @@ pub struct SnapshotView {
     pub parent: Option<String>,
     pub created_unix_ms: u64,
     pub allocated_bytes: u64,
+    /// Labels given at creation (every replica stores them).
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What `snapshot_create` replies.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotCreatedView {
+    pub name: String,
+    /// Creation time recorded on every replica.
+    pub created_unix_ms: u64,
+    /// How long the engine held new writes (drain, snapshot every replica, resume).
+    pub pause_us: u64,
 }
 
 /// A rebuild or resync job as the CLI prints it.

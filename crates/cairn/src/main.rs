@@ -13,6 +13,7 @@ mod member;
 mod meta;
 mod records;
 mod replica;
+mod snapshot;
 mod volume;
 
 /// Cairn: a replicated block store for Kubernetes.
@@ -53,6 +54,11 @@ enum Command {
     /// serves the replicas placed on it and runs the engine and NBD export of the volumes
     /// attached to it.
     Agent(agent::AgentArgs),
+    /// Snapshots of attached volumes, recorded in the metadata service (`--meta`): create
+    /// (crash-consistent across replicas; prints how long writes paused), list, delete
+    /// (merges the layer; the volume's content is unchanged).
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
 }
 
 fn main() -> ExitCode {
@@ -84,6 +90,7 @@ fn main() -> ExitCode {
         Command::Meta(a) => meta::run(a),
         Command::Member(c) => member::run(c),
         Command::Agent(a) => agent::run(a),
+        Command::Snapshot(c) => snapshot::run(c),
     };
     match result {
         Ok(code) => code,

@@ -828,7 +828,7 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
             volume,
             name,
             endpoint,
-        }) => report_change(endpoint, &ControlRequest::SnapshotCreate { volume, name }),
+        }) => crate::snapshot::create_at_endpoint(endpoint, &volume, &name),
         VolumeCommand::Snapshot(SnapshotCommand::Delete {
             volume,
             name,
