@@ -543,3 +543,29 @@ async fn file_target_with_sparse_files() {
         .unwrap();
     assert!(blocks.is_empty());
 }
+
+#[tokio::test]
+async fn a_backup_waits_for_a_running_gc_before_reading() {
+    let t = mem_target();
+    let v = random_volume(2, 91);
+    let lock = Path::from("vols/prod/gc.lock");
+    t.store()
+        .put(&lock, PutPayload::from_static(b"{}"))
+        .await
+        .unwrap();
+    let src = GatedSource::new(MemImage::from_vec(v.clone()), u64::MAX);
+    let running = {
+        let (t, src) = (t.clone(), src.clone());
+        tokio::spawn(async move { backup(&t, &src, &spec("w"), &BackupOptions::default()).await })
+    };
+    // Wait for the marker: from then on the backup is polling the lock.
+    while keys(&t, "inprogress").await.is_empty() {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(src.reads.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert!(!running.is_finished());
+    t.store().delete(&lock).await.unwrap();
+    running.await.unwrap().unwrap();
+    assert_eq!(src.reads.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_same(&restore_vec(&t, "w", v.len()).await.unwrap(), &v);
+}
