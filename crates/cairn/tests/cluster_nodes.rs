@@ -668,3 +668,72 @@ fn best_effort_locality_moves_a_replica_to_the_attaching_node() {
     assert_same_bytes(&got, &data, "loc after the move");
     c.stop();
 }
+
+#[test]
+fn deleted_volume_has_its_replicas_removed_from_every_node() {
+    if !enter_private_netns() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = ClusterOpts::new(3).start(&tmp.path().join("data"));
+    c.cli(&[
+        "volume",
+        "create",
+        "gone",
+        "--size",
+        "64MiB",
+        "--replicas",
+        "3",
+    ]);
+    let uri = c.cli(&["volume", "attach", "gone", "--node", "node-2"]);
+    let nbd = uri
+        .trim()
+        .trim_start_matches("nbd://")
+        .trim_end_matches("/gone")
+        .to_owned();
+    let mut client = NbdClient::connect(&nbd, "gone");
+    let mut rng = Rng::new(0x507);
+    client
+        .write(0, &random_bytes(&mut rng, 1 << 20))
+        .expect("write gone");
+    client.flush().expect("flush gone");
+    drop(client);
+    let reps: Vec<serde_json::Value> =
+        serde_json::from_str(&c.cli(&["replica", "list", "--volume", "gone", "--json"])).unwrap();
+    assert_eq!(reps.len(), 3);
+    let dirs: Vec<std::path::PathBuf> = reps
+        .iter()
+        .map(|r| {
+            c.node_dir(s(r, "node"))
+                .join("replicas")
+                .join("gone")
+                .join(s(r, "name"))
+        })
+        .collect();
+    assert!(dirs.iter().all(|d| d.exists()), "{dirs:?}");
+
+    // Attached: refused, nothing removed.
+    let r = run_bounded(
+        Command::new(cairn_bin()).args(["volume", "delete", "gone"]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(r.status.and_then(|s| s.code()), Some(1), "{r:?}");
+    assert!(r.stderr.contains("attached to node node-2"), "{}", r.stderr);
+    assert!(dirs.iter().all(|d| d.exists()));
+
+    c.cli(&["volume", "detach", "gone"]);
+    c.cli(&["volume", "delete", "gone"]);
+    wait_until(
+        "every replica of gone removed",
+        Duration::from_secs(60),
+        || {
+            dirs.iter().all(|d| !d.exists())
+                && c.cli(&["replica", "list", "--volume", "gone", "--json"])
+                    .trim()
+                    == "[]"
+        },
+    );
+    // vol0 is untouched.
+    c.assert_verified("vol0 after deleting another volume");
+    c.stop();
+}
