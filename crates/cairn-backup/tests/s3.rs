@@ -110,9 +110,10 @@ fn spec(name: &str) -> BackupSpec {
 
 async fn restore_vec(t: &Target, name: &str, size: usize) -> Vec<u8> {
     let sink = MemImage::zeroed(size);
-    restore(t, name, &sink, &RestoreOptions::default())
+    let r = restore(t, name, &sink, &RestoreOptions::default())
         .await
         .unwrap();
+    println!("restore: {}", serde_json::to_string(&r).unwrap());
     sink.to_vec()
 }
 
