@@ -569,3 +569,52 @@ async fn a_backup_waits_for_a_running_gc_before_reading() {
     assert_eq!(src.reads.load(std::sync::atomic::Ordering::SeqCst), 2);
     assert_same(&restore_vec(&t, "w", v.len()).await.unwrap(), &v);
 }
+
+#[tokio::test]
+async fn an_abandoned_marker_delays_gc_until_it_is_stale() {
+    let t = mem_target();
+    let v = random_volume(3, 101);
+    backup(
+        &t,
+        &MemImage::from_vec(v),
+        &spec("a"),
+        &BackupOptions::default(),
+    )
+    .await
+    .unwrap();
+    // A backup process died and left its marker.
+    let zombie = Path::from("vols/prod/inprogress/dead.0123.json");
+    t.store()
+        .put(&zombie, PutPayload::from_static(b"{}"))
+        .await
+        .unwrap();
+    let report = delete(&t, "a", &CoordOptions::default()).await.unwrap();
+    assert_eq!((report.running_backups, report.blocks_deleted), (1, 0));
+    assert_eq!(report.blocks_kept_for_running_backups, 3);
+    // Let the store's clock move 5 ms past the marker (polling the store, not sleeping).
+    let born = t.store().head(&zombie).await.unwrap().last_modified;
+    let probe = Path::from("vols/prod/probe");
+    loop {
+        t.store()
+            .put(&probe, PutPayload::from_static(b"."))
+            .await
+            .unwrap();
+        let now = t.store().head(&probe).await.unwrap().last_modified;
+        if (now - born).num_milliseconds() > 5 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let short = CoordOptions {
+        stale_after: std::time::Duration::from_millis(5),
+        ..Default::default()
+    };
+    let report = gc(&t, &short).await.unwrap();
+    assert_eq!(
+        (report.running_backups, report.blocks_deleted),
+        (0, 3),
+        "{report:?}"
+    );
+    assert!(keys(&t, "inprogress").await.is_empty());
+    assert!(block_keys(&t).await.is_empty());
+}
