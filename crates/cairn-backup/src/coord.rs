@@ -112,12 +112,30 @@ impl Backoff {
     }
 }
 
-/// A running backup's marker. Dropping it does not remove it (that needs I/O); call
-/// [`Marker::finish`].
+/// A running backup's marker. [`Marker::finish`] removes it; if the marker is dropped
+/// unfinished (the backup future was cancelled), a task removes it in the background.
 pub(crate) struct Marker {
     key: Path,
     holder: Holder,
     written: tokio::time::Instant,
+    store: std::sync::Arc<dyn ObjectStore>,
+    finished: bool,
+}
+
+impl Drop for Marker {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (store, key) = (self.store.clone(), self.key.clone());
+            rt.spawn(async move {
+                if let Err(e) = store.delete(&key).await {
+                    tracing::warn!(key = %key, error = %e, "could not remove the marker of a cancelled backup");
+                }
+            });
+        }
+    }
 }
 
 impl Marker {
@@ -134,6 +152,8 @@ impl Marker {
             key,
             holder,
             written: tokio::time::Instant::now(),
+            store: t.store.clone(),
+            finished: false,
         };
         if let Err(e) = marker.wait_for_no_lock(t, opts).await {
             marker.finish(t).await.ok();
@@ -179,7 +199,8 @@ impl Marker {
     }
 
     /// Removes the marker.
-    pub async fn finish(self, t: &Target) -> Result<()> {
+    pub async fn finish(mut self, t: &Target) -> Result<()> {
+        self.finished = true;
         match t.store.delete(&self.key).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(BackupError::transport(&self.key, e)),

@@ -618,3 +618,22 @@ async fn an_abandoned_marker_delays_gc_until_it_is_stale() {
     assert!(keys(&t, "inprogress").await.is_empty());
     assert!(block_keys(&t).await.is_empty());
 }
+
+#[tokio::test]
+async fn a_cancelled_backup_removes_its_marker_and_lists_nothing() {
+    let t = mem_target();
+    let src = GatedSource::new(MemImage::from_vec(random_volume(2, 111)), 0);
+    let running = {
+        let (t, src) = (t.clone(), src.clone());
+        tokio::spawn(async move { backup(&t, &src, &spec("c"), &BackupOptions::default()).await })
+    };
+    src.reached.notified().await;
+    assert_eq!(keys(&t, "inprogress").await.len(), 1);
+    running.abort();
+    assert!(running.await.unwrap_err().is_cancelled());
+    // The marker is removed by a background task: wait for that condition.
+    while !keys(&t, "inprogress").await.is_empty() {
+        tokio::task::yield_now().await;
+    }
+    assert!(list(&t).await.unwrap().is_empty());
+}
