@@ -294,6 +294,27 @@ mod tests {
     }
 
     #[test]
+    fn opens_s3_and_file_targets() {
+        let cfg = S3Config {
+            endpoint: Some("http://127.0.0.1:9/".into()),
+            access_key_id: Some("AK".into()),
+            secret_access_key: Some("SK".into()),
+            ..Default::default()
+        };
+        let t = Target::open("s3://bkt/a/b", &cfg).unwrap();
+        let h = blake3::hash(b"x");
+        let key = t.block_key(&h).to_string();
+        assert!(key.starts_with("a/b/blocks/") && key.ends_with(&h.to_hex().to_string()));
+        assert_eq!(t.manifest_key("n").to_string(), "a/b/manifests/n.json");
+        let e = Target::open("file://rel/dir", &cfg).unwrap_err();
+        assert!(matches!(e, BackupError::InvalidTarget { .. }), "{e}");
+        let dir = std::env::temp_dir().join(format!("cairn-backup-open-{}", std::process::id()));
+        let t = Target::open(&format!("file://{}", dir.display()), &cfg).unwrap();
+        assert_eq!(t.manifest_key("n").to_string(), "manifests/n.json");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn env_fills_only_empty_fields() {
         let c = S3Config {
             region: Some("eu-west-1".into()),
