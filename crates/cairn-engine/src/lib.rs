@@ -782,6 +782,12 @@ impl Engine {
         labels: Vec<(String, String)>,
     ) -> Result<SnapshotCreated, String> {
         self.snapshot_check(name, true).await?;
+        // Each replica flushes its head before freezing it. Flushing first, while writes
+        // still flow, leaves only what comes in meanwhile for that flush: under a random
+        // write load this cut the pause from ~140 ms to a few (bench/snapshots.sh).
+        self.fanout(Request::Flush)
+            .await
+            .map_err(|e| format!("flush before the snapshot failed: {e}"))?;
         let created_unix_ms = heal::unix_ms();
         let req = Request::SnapshotCreate {
             name: name.to_owned(),
