@@ -15,6 +15,8 @@
 #   BENCH_LAYERS       snapshots on the layered volume (default 1000; read points at 0, 100
 #                      and this)
 #   BENCH_SECONDS      measured seconds per read run (default 10)
+#   BENCH_REPEAT       read runs per volume, point and queue depth, plain and layered
+#                      alternating; the report takes the median (default 3)
 #   BENCH_REGION       size of the layered and plain volumes (default 256MiB)
 #   BENCH_WORK         work directory, wiped at start, removed at the end
 #                      (default bench/work/snapshots)
@@ -28,6 +30,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PAUSE_SNAPS=${BENCH_PAUSE_SNAPS:-50}
 LAYERS=${BENCH_LAYERS:-1000}
 SECONDS_RUN=${BENCH_SECONDS:-10}
+REPEAT=${BENCH_REPEAT:-3}
 REGION_SPEC=${BENCH_REGION:-256MiB}
 WORK=${BENCH_WORK:-$ROOT/bench/work/snapshots}
 RESULTS=${BENCH_RESULTS:-$ROOT/bench/results}
@@ -201,11 +204,13 @@ for v in layered plain; do
 done
 log "[layers] layered and plain filled ($REGION_SPEC each); reads at 0 snapshots"
 read_point() {
-    local n=$1
-    randread plain "plain-$n-qd1" 1
-    randread layered "layered-$n-qd1" 1
-    randread plain "plain-$n-qd16" 16
-    randread layered "layered-$n-qd16" 16
+    local n=$1 r qd
+    for ((r = 1; r <= REPEAT; r++)); do
+        for qd in 1 16; do
+            randread plain "plain-$n-qd$qd-r$r" "$qd"
+            randread layered "layered-$n-qd$qd-r$r" "$qd"
+        done
+    done
 }
 read_point 0
 
@@ -299,7 +304,7 @@ if [ -n "$(git -C "$ROOT" status --porcelain -- crates/cairn crates/cairn-engine
     COMMIT="$COMMIT (with uncommitted changes under crates/)"
 fi
 PYTHONDONTWRITEBYTECODE=1 python3 "$ROOT/bench/snapshots_report.py" \
-    --json-dir "$JSON" --layers "$LAYERS" \
+    --json-dir "$JSON" --layers "$LAYERS" --repeat "$REPEAT" \
     --out "$RESULTS/snapshots-$STAMP.md" \
     --fact "date (UTC)=$(date -u '+%Y-%m-%d %H:%M:%S')" \
     --fact "commit=$COMMIT" \
@@ -314,7 +319,7 @@ PYTHONDONTWRITEBYTECODE=1 python3 "$ROOT/bench/snapshots_report.py" \
     --fact "pause=the engine's pause_us: from taking the submit lock (new writes wait) to releasing it: a Ping to every replica (drain), SnapshotCreate to every replica, every answer in" \
     --fact "layered / plain=cairn volume create NAME --size $REGION_SPEC --replicas 3, attached to node-1, filled with fio --rw=write --bs=1m --refill_buffers" \
     --fact "rounds=round k (0..$((LAYERS - 1))) writes the 64 KiB chunks j of layered with j % $LAYERS == k (random data, one NBD connection, then a flush) and runs cairn snapshot create layered lNNNN --json (a process each; timed around it)" \
-    --fact "reads=fio --rw=randread --bs=4k --ioengine=nbd --norandommap --time_based --ramp_time=2 --runtime=$SECONDS_RUN over the whole volume, iodepth 1 and 16; sync; echo 3 > /proc/sys/vm/drop_caches before each; plain then layered at each point" \
+    --fact "reads=fio --rw=randread --bs=4k --ioengine=nbd --norandommap --time_based --ramp_time=2 --runtime=$SECONDS_RUN over the whole volume, iodepth 1 and 16; sync; echo 3 > /proc/sys/vm/drop_caches before each; $REPEAT rounds of plain then layered at each point (medians)" \
     --fact "load average at start / end=$LOAD_START / $LOAD_END"
 cp "$RESULTS/snapshots-$STAMP.md" "$RESULTS/snapshots-latest.md"
 log "report: $RESULTS/snapshots-$STAMP.md (copied to snapshots-latest.md)"

@@ -35,6 +35,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json-dir", required=True)
     ap.add_argument("--layers", type=int, required=True)
+    ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--out", required=True)
     ap.add_argument("--fact", action="append", default=[])
     a = ap.parse_args()
@@ -99,19 +100,31 @@ def main():
     lines += [
         "## 4 KiB random reads through the layers (fio, nbd engine)",
         "",
-        "Same data size on both volumes; `plain` never has a snapshot. Ratio = layered / plain "
-        "IOPS at the same point.",
+        "Same data size on both volumes; `plain` never has a snapshot. Each cell is the "
+        f"median of {a.repeat} runs (plain and layered alternating; lowest and highest IOPS "
+        "in brackets, latencies of the median run). Ratio = layered / plain median IOPS at "
+        "the same point.",
         "",
         "| snapshots | QD | plain IOPS | layered IOPS | ratio | plain p50 / p99 µs | layered p50 / p99 µs |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def median_run(vol, point, qd):
+        runs = [
+            fio_side(os.path.join(d, f"read-{vol}-{point}-qd{qd}-r{r}.json"), "read")
+            for r in range(1, a.repeat + 1)
+        ]
+        runs.sort(key=lambda x: x["iops"])
+        return runs[len(runs) // 2], runs[0]["iops"], runs[-1]["iops"]
+
     for point in (0, 100, a.layers):
         for qd in (1, 16):
-            p = fio_side(os.path.join(d, f"read-plain-{point}-qd{qd}.json"), "read")
-            lay = fio_side(os.path.join(d, f"read-layered-{point}-qd{qd}.json"), "read")
+            p, plo, phi = median_run("plain", point, qd)
+            lay, llo, lhi = median_run("layered", point, qd)
             r = ratio(lay["iops"], p["iops"])
             lines.append(
-                f"| {point:,} | {qd} | {num(p['iops'])} | {num(lay['iops'])} | "
+                f"| {point:,} | {qd} | {num(p['iops'])} [{num(plo)}-{num(phi)}] | "
+                f"{num(lay['iops'])} [{num(llo)}-{num(lhi)}] | "
                 f"{num(r, '{:.2f}')} | {num(p['p50'])} / {num(p['p99'])} | "
                 f"{num(lay['p50'])} / {num(lay['p99'])} |"
             )
