@@ -96,7 +96,12 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(2)
+            // A mistake the user can fix exits 1, anything else 2 (as `run_cli` does).
+            if e.downcast_ref::<records::UserError>().is_some() {
+                ExitCode::from(1)
+            } else {
+                ExitCode::from(2)
+            }
         }
     }
 }

@@ -100,9 +100,11 @@ pub enum VolumeCommand {
         /// Print the status as JSON.
         #[arg(long)]
         json: bool,
-        /// Control endpoint of the running `cairn dev`.
-        #[arg(long, default_value = DEFAULT_ENDPOINT)]
-        endpoint: SocketAddr,
+        /// Control endpoint of the node running the volume's engine. Default: the attached
+        /// node's, asked of meta at 127.0.0.1:10811; without meta (`cairn dev --standalone`)
+        /// 127.0.0.1:10810.
+        #[arg(long)]
+        endpoint: Option<SocketAddr>,
     },
     /// Compare the content digests of every RW replica, read online; exit 0 when all are
     /// identical, 1 otherwise.
@@ -110,9 +112,11 @@ pub enum VolumeCommand {
         /// Volume name.
         #[arg(default_value = "vol0")]
         volume: String,
-        /// Control endpoint of the running `cairn dev`.
-        #[arg(long, default_value = DEFAULT_ENDPOINT)]
-        endpoint: SocketAddr,
+        /// Control endpoint of the node running the volume's engine. Default: the attached
+        /// node's, asked of meta at 127.0.0.1:10811; without meta (`cairn dev --standalone`)
+        /// 127.0.0.1:10810.
+        #[arg(long)]
+        endpoint: Option<SocketAddr>,
     },
     /// Add or remove replicas of a running volume.
     #[command(subcommand)]
@@ -133,9 +137,11 @@ pub enum SnapshotCommand {
         volume: String,
         /// Snapshot name: 1-255 of [A-Za-z0-9._:-].
         name: String,
-        /// Control endpoint of the running `cairn dev`.
-        #[arg(long, default_value = DEFAULT_ENDPOINT)]
-        endpoint: SocketAddr,
+        /// Control endpoint of the node running the volume's engine. Default: the attached
+        /// node's, asked of meta at 127.0.0.1:10811; without meta (`cairn dev --standalone`)
+        /// 127.0.0.1:10810.
+        #[arg(long)]
+        endpoint: Option<SocketAddr>,
     },
     /// Delete snapshot NAME (its data merges into the next layer; content is unchanged).
     Delete {
@@ -143,17 +149,21 @@ pub enum SnapshotCommand {
         volume: String,
         /// Snapshot name.
         name: String,
-        /// Control endpoint of the running `cairn dev`.
-        #[arg(long, default_value = DEFAULT_ENDPOINT)]
-        endpoint: SocketAddr,
+        /// Control endpoint of the node running the volume's engine. Default: the attached
+        /// node's, asked of meta at 127.0.0.1:10811; without meta (`cairn dev --standalone`)
+        /// 127.0.0.1:10810.
+        #[arg(long)]
+        endpoint: Option<SocketAddr>,
     },
     /// List snapshots, oldest first.
     List {
         /// Volume name.
         volume: String,
-        /// Control endpoint of the running `cairn dev`.
-        #[arg(long, default_value = DEFAULT_ENDPOINT)]
-        endpoint: SocketAddr,
+        /// Control endpoint of the node running the volume's engine. Default: the attached
+        /// node's, asked of meta at 127.0.0.1:10811; without meta (`cairn dev --standalone`)
+        /// 127.0.0.1:10810.
+        #[arg(long)]
+        endpoint: Option<SocketAddr>,
     },
 }
 
@@ -173,9 +183,11 @@ pub enum ReplicaCommand {
         /// Wait (showing progress) until the replica is RW.
         #[arg(long)]
         wait: bool,
-        /// Control endpoint of the running `cairn dev`.
-        #[arg(long, default_value = DEFAULT_ENDPOINT)]
-        endpoint: SocketAddr,
+        /// Control endpoint of the node running the volume's engine. Default: the attached
+        /// node's, asked of meta at 127.0.0.1:10811; without meta (`cairn dev --standalone`)
+        /// 127.0.0.1:10810.
+        #[arg(long)]
+        endpoint: Option<SocketAddr>,
     },
     /// Take a replica out of the volume (its data stays on its server). The last RW replica
     /// cannot be removed.
@@ -184,9 +196,11 @@ pub enum ReplicaCommand {
         volume: String,
         /// Replica id.
         replica: String,
-        /// Control endpoint of the running `cairn dev`.
-        #[arg(long, default_value = DEFAULT_ENDPOINT)]
-        endpoint: SocketAddr,
+        /// Control endpoint of the node running the volume's engine. Default: the attached
+        /// node's, asked of meta at 127.0.0.1:10811; without meta (`cairn dev --standalone`)
+        /// 127.0.0.1:10810.
+        #[arg(long)]
+        endpoint: Option<SocketAddr>,
     },
 }
 
@@ -202,9 +216,11 @@ pub enum RebuildCommand {
         /// Give up after this long.
         #[arg(long, default_value = "1h")]
         timeout: humantime::Duration,
-        /// Control endpoint of the running `cairn dev`.
-        #[arg(long, default_value = DEFAULT_ENDPOINT)]
-        endpoint: SocketAddr,
+        /// Control endpoint of the node running the volume's engine. Default: the attached
+        /// node's, asked of meta at 127.0.0.1:10811; without meta (`cairn dev --standalone`)
+        /// 127.0.0.1:10810.
+        #[arg(long)]
+        endpoint: Option<SocketAddr>,
     },
     /// Stop a running rebuild or resync; the replica goes to ERR and waits for `start`.
     Cancel {
@@ -212,9 +228,11 @@ pub enum RebuildCommand {
         volume: String,
         /// Replica id.
         replica: String,
-        /// Control endpoint of the running `cairn dev`.
-        #[arg(long, default_value = DEFAULT_ENDPOINT)]
-        endpoint: SocketAddr,
+        /// Control endpoint of the node running the volume's engine. Default: the attached
+        /// node's, asked of meta at 127.0.0.1:10811; without meta (`cairn dev --standalone`)
+        /// 127.0.0.1:10810.
+        #[arg(long)]
+        endpoint: Option<SocketAddr>,
     },
     /// Bring an ERR replica back now (after a cancel, or to skip the retry backoff).
     Start {
@@ -222,9 +240,11 @@ pub enum RebuildCommand {
         volume: String,
         /// Replica id.
         replica: String,
-        /// Control endpoint of the running `cairn dev`.
-        #[arg(long, default_value = DEFAULT_ENDPOINT)]
-        endpoint: SocketAddr,
+        /// Control endpoint of the node running the volume's engine. Default: the attached
+        /// node's, asked of meta at 127.0.0.1:10811; without meta (`cairn dev --standalone`)
+        /// 127.0.0.1:10810.
+        #[arg(long)]
+        endpoint: Option<SocketAddr>,
     },
     /// Limit the bytes per second rebuilds copy (e.g. 20MiB; 0 for no limit).
     Rate {
@@ -232,9 +252,11 @@ pub enum RebuildCommand {
         volume: String,
         /// Bytes per second.
         rate: bytesize::ByteSize,
-        /// Control endpoint of the running `cairn dev`.
-        #[arg(long, default_value = DEFAULT_ENDPOINT)]
-        endpoint: SocketAddr,
+        /// Control endpoint of the node running the volume's engine. Default: the attached
+        /// node's, asked of meta at 127.0.0.1:10811; without meta (`cairn dev --standalone`)
+        /// 127.0.0.1:10810.
+        #[arg(long)]
+        endpoint: Option<SocketAddr>,
     },
 }
 
@@ -402,6 +424,41 @@ fn get_volume(addr: &str, name: &str) -> anyhow::Result<Volume> {
         Some(record::Record::Volume(v)) => Ok(v),
         other => anyhow::bail!("meta answered Get of volume {name} with {other:?}"),
     }
+}
+
+/// The control endpoint for `volume`: `given`, else the attached node's (asked of meta at
+/// its default address), else the standalone `cairn dev`'s default endpoint.
+fn at(given: Option<SocketAddr>, volume: &str) -> anyhow::Result<SocketAddr> {
+    if let Some(e) = given {
+        return Ok(e);
+    }
+    let fallback: SocketAddr = DEFAULT_ENDPOINT.parse()?;
+    let meta = records::DEFAULT_META;
+    let found = block_on(async {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{meta}"))?
+            .connect_timeout(std::time::Duration::from_secs(1))
+            .timeout(std::time::Duration::from_secs(5))
+            .connect()
+            .await;
+        // No meta here: a standalone `cairn dev`.
+        let Ok(ch) = ch else { return anyhow::Ok(None) };
+        let mut client = MetaClient::new(ch);
+        let v = match get_volume_async(&mut client, meta, volume).await {
+            Ok(v) => v,
+            Err(e) if e.downcast_ref::<records::UserError>().is_some() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if v.attached_node.is_empty() {
+            return Err(user_error(format!(
+                "volume {volume} is not attached, so no engine runs it (cairn volume attach {volume} --node NODE)"
+            )));
+        }
+        match get_record(&mut client, meta, Kind::Node, &v.attached_node).await? {
+            record::Record::Node(n) => Ok(n.control_address.parse().ok()),
+            _ => Ok(None),
+        }
+    })??;
+    Ok(found.unwrap_or(fallback))
 }
 
 /// `cairn volume delete`: refused while attached; else the volume turns DELETING (meta's
@@ -690,7 +747,7 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
             volume,
             json,
             endpoint,
-        } => match control::call(endpoint, &ControlRequest::Status { volume })? {
+        } => match control::call(at(endpoint, &volume)?, &ControlRequest::Status { volume })? {
             ControlReply::Status(v) => {
                 if json {
                     println!("{}", serde_json::to_string_pretty(&v)?);
@@ -756,7 +813,7 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
             other => anyhow::bail!("unexpected reply {other:?}"),
         },
         VolumeCommand::Verify { volume, endpoint } => {
-            match control::call(endpoint, &ControlRequest::Verify { volume })? {
+            match control::call(at(endpoint, &volume)?, &ControlRequest::Verify { volume })? {
                 ControlReply::Verify(digests) => {
                     let mut seen = std::collections::BTreeSet::new();
                     let mut failed = digests.is_empty();
@@ -796,6 +853,7 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                 address,
                 id,
             };
+            let endpoint = at(endpoint, &volume)?;
             let id = change(endpoint, &req)?;
             println!("{id}");
             if wait {
@@ -807,53 +865,67 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
             volume,
             replica,
             endpoint,
-        }) => report_change(endpoint, &ControlRequest::ReplicaRemove { volume, replica }),
+        }) => report_change(
+            at(endpoint, &volume)?,
+            &ControlRequest::ReplicaRemove { volume, replica },
+        ),
         VolumeCommand::Rebuild(RebuildCommand::Wait {
             volume,
             replica,
             timeout,
             endpoint,
-        }) => wait_rw(endpoint, &volume, &replica, *timeout),
+        }) => wait_rw(at(endpoint, &volume)?, &volume, &replica, *timeout),
         VolumeCommand::Rebuild(RebuildCommand::Cancel {
             volume,
             replica,
             endpoint,
-        }) => report_change(endpoint, &ControlRequest::RebuildCancel { volume, replica }),
+        }) => report_change(
+            at(endpoint, &volume)?,
+            &ControlRequest::RebuildCancel { volume, replica },
+        ),
         VolumeCommand::Rebuild(RebuildCommand::Start {
             volume,
             replica,
             endpoint,
-        }) => report_change(endpoint, &ControlRequest::RebuildStart { volume, replica }),
+        }) => report_change(
+            at(endpoint, &volume)?,
+            &ControlRequest::RebuildStart { volume, replica },
+        ),
         VolumeCommand::Snapshot(SnapshotCommand::Create {
             volume,
             name,
             endpoint,
-        }) => crate::snapshot::create_at_endpoint(endpoint, &volume, &name),
+        }) => crate::snapshot::create_at_endpoint(at(endpoint, &volume)?, &volume, &name),
         VolumeCommand::Snapshot(SnapshotCommand::Delete {
             volume,
             name,
             endpoint,
-        }) => report_change(endpoint, &ControlRequest::SnapshotDelete { volume, name }),
-        VolumeCommand::Snapshot(SnapshotCommand::List { volume, endpoint }) => {
-            match control::call(endpoint, &ControlRequest::SnapshotList { volume })? {
-                ControlReply::Snapshots(list) => {
-                    for s in list {
-                        println!(
-                            "{}  created {}  {} bytes",
-                            s.name, s.created_unix_ms, s.allocated_bytes
-                        );
-                    }
-                    Ok(ExitCode::SUCCESS)
+        }) => report_change(
+            at(endpoint, &volume)?,
+            &ControlRequest::SnapshotDelete { volume, name },
+        ),
+        VolumeCommand::Snapshot(SnapshotCommand::List { volume, endpoint }) => match control::call(
+            at(endpoint, &volume)?,
+            &ControlRequest::SnapshotList { volume },
+        )? {
+            ControlReply::Snapshots(list) => {
+                for s in list {
+                    println!(
+                        "{}  created {}  {} bytes",
+                        s.name, s.created_unix_ms, s.allocated_bytes
+                    );
                 }
-                ControlReply::Error(e) => anyhow::bail!(e),
-                other => anyhow::bail!("unexpected reply {other:?}"),
+                Ok(ExitCode::SUCCESS)
             }
-        }
+            ControlReply::Error(e) => anyhow::bail!(e),
+            other => anyhow::bail!("unexpected reply {other:?}"),
+        },
         VolumeCommand::Rebuild(RebuildCommand::Rate {
             volume,
             rate,
             endpoint,
         }) => {
+            let endpoint = at(endpoint, &volume)?;
             let req = ControlRequest::RebuildRate {
                 volume,
                 bytes_per_sec: rate.as_u64(),

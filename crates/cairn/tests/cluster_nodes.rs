@@ -712,6 +712,16 @@ fn deleted_volume_has_its_replicas_removed_from_every_node() {
         .collect();
     assert!(dirs.iter().all(|d| d.exists()), "{dirs:?}");
 
+    // The CLI finds the engine on node-2 through meta (no --endpoint).
+    let status: serde_json::Value =
+        serde_json::from_str(&c.cli(&["volume", "status", "gone", "--json"])).unwrap();
+    assert_eq!(status["volume"], "gone", "{status:#}");
+    assert_eq!(
+        status["replicas"].as_array().map(Vec::len),
+        Some(3),
+        "{status:#}"
+    );
+
     // Attached: refused, nothing removed.
     let r = run_bounded(
         Command::new(cairn_bin()).args(["volume", "delete", "gone"]),
@@ -722,6 +732,16 @@ fn deleted_volume_has_its_replicas_removed_from_every_node() {
     assert!(dirs.iter().all(|d| d.exists()));
 
     c.cli(&["volume", "detach", "gone"]);
+    let r = run_bounded(
+        Command::new(cairn_bin()).args(["volume", "status", "gone"]),
+        Duration::from_secs(30),
+    );
+    assert_eq!(r.status.and_then(|s| s.code()), Some(1), "{r:?}");
+    assert!(
+        r.stderr.contains("volume gone is not attached"),
+        "{}",
+        r.stderr
+    );
     c.cli(&["volume", "delete", "gone"]);
     wait_until(
         "every replica of gone removed",
