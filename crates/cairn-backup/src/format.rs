@@ -41,6 +41,11 @@ pub enum Compression {
 /// Builds a block object for `data` whose BLAKE3 hash is `hash`. A payload that does not
 /// shrink under compression is stored uncompressed.
 pub fn encode_block(data: &[u8], hash: &blake3::Hash, compression: Compression) -> Bytes {
+    let compression = if worth_compressing(data, compression) {
+        compression
+    } else {
+        Compression::None
+    };
     let compressed = match compression {
         Compression::None => None,
         Compression::Lz4 => Some((CODEC_LZ4, lz4_flex::block::compress(data))),
@@ -62,6 +67,34 @@ pub fn encode_block(data: &[u8], hash: &blake3::Hash, compression: Compression) 
     out.put_slice(hash.as_bytes());
     out.put_slice(payload);
     out.freeze()
+}
+
+/// Bytes of each sample [`worth_compressing`] compresses.
+const SAMPLE: usize = 16 << 10;
+
+/// Whether compressing `data` is likely to pay: four 16 KiB samples spread over a block
+/// larger than 256 KiB are compressed first, and a block whose samples shrink by less than
+/// 3 % is stored raw without compressing the rest (random or already compressed data would
+/// cost a full compression pass for nothing). Smaller blocks are always tried.
+fn worth_compressing(data: &[u8], compression: Compression) -> bool {
+    if matches!(compression, Compression::None) || data.len() <= 16 * SAMPLE {
+        return !matches!(compression, Compression::None);
+    }
+    let step = data.len() / 4;
+    let mut raw = 0usize;
+    let mut packed = 0usize;
+    for k in 0..4 {
+        let sample = &data[k * step..k * step + SAMPLE];
+        raw += sample.len();
+        packed += match compression {
+            Compression::Lz4 => lz4_flex::block::compress(sample).len(),
+            Compression::Zstd(level) => {
+                zstd::bulk::compress(sample, level).map_or(sample.len(), |c| c.len())
+            }
+            Compression::None => sample.len(),
+        };
+    }
+    packed * 100 < raw * 97
 }
 
 fn len32(n: usize) -> u32 {
@@ -276,6 +309,31 @@ mod tests {
         let obj = encode_block(&data, &h, Compression::Lz4);
         assert_eq!(obj[9], CODEC_NONE);
         assert_eq!(obj.len(), BLOCK_HEADER_LEN + data.len());
+    }
+
+    #[test]
+    fn sampling_skips_random_blocks_and_keeps_compressible_ones() {
+        let random: Vec<u8> = (0..(2u32 << 20) / 32)
+            .flat_map(|i| blake3::hash(&i.to_le_bytes()).as_bytes().to_vec())
+            .collect();
+        assert!(!worth_compressing(&random, Compression::Lz4));
+        assert!(!worth_compressing(&random, Compression::Zstd(3)));
+        let h = blake3::hash(&random);
+        let obj = encode_block(&random, &h, Compression::Lz4);
+        assert_eq!(obj[9], CODEC_NONE);
+        assert_eq!(&decode_block(&obj, &h).unwrap()[..], &random[..]);
+
+        // Half random, half zeros: the samples in the zero half make it worth it, and the
+        // whole block is compressed.
+        let mut half = random.clone();
+        half[1 << 20..].fill(0);
+        assert!(worth_compressing(&half, Compression::Lz4));
+        let h = blake3::hash(&half);
+        let obj = encode_block(&half, &h, Compression::Lz4);
+        assert_eq!(obj[9], CODEC_LZ4);
+        assert!(obj.len() < half.len() * 6 / 10);
+        assert_eq!(&decode_block(&obj, &h).unwrap()[..], &half[..]);
+        assert!(!worth_compressing(&half, Compression::None));
     }
 
     #[test]
