@@ -11,95 +11,16 @@
 mod common;
 
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use common::*;
 
-const MIB: u64 = 1 << 20;
-const NBD: &str = "127.0.0.1:10809";
-
-/// Writes `len` random bytes at 0 through NBD, flushes, and returns them.
+/// Writes `len` random bytes at 0 to vol0, flushes, and returns them.
 fn write_data(len: usize, seed: u64) -> Vec<u8> {
-    let mut nbd = NbdClient::connect(NBD, "vol0");
     let mut rng = Rng::new(seed);
     let data = random_bytes(&mut rng, len);
-    for (k, piece) in data.chunks(4 << 20).enumerate() {
-        let at = (k as u64) * (4 << 20);
-        nbd.write(at, piece)
-            .unwrap_or_else(|e| panic!("write at {at}: NBD error {e}"));
-    }
-    nbd.flush().expect("flush");
+    write_vol0(0, &data);
     data
-}
-
-/// Reads `len` bytes at 0 through NBD and compares them with `want`.
-fn assert_data(want: &[u8], what: &str) {
-    let mut nbd = NbdClient::connect(NBD, "vol0");
-    let mut got = Vec::with_capacity(want.len());
-    let mut at = 0u64;
-    while (at as usize) < want.len() {
-        let n = (4 * MIB).min(want.len() as u64 - at) as u32;
-        got.extend(
-            nbd.read(at, n)
-                .unwrap_or_else(|e| panic!("read at {at}: NBD error {e}")),
-        );
-        at += u64::from(n);
-    }
-    assert_same_bytes(&got, want, what);
-}
-
-/// fio writing and verifying `size` from `offset` in a loop until stopped; every run must
-/// verify. `runs` counts finished runs.
-struct FioLoop {
-    stop: Arc<AtomicBool>,
-    runs: Arc<AtomicU64>,
-    thread: JoinHandle<()>,
-}
-
-impl FioLoop {
-    fn start(offset: &str, size: &str) -> FioLoop {
-        let stop = Arc::new(AtomicBool::new(false));
-        let runs = Arc::new(AtomicU64::new(0));
-        let (stop2, runs2) = (stop.clone(), runs.clone());
-        let (offset, size) = (offset.to_owned(), size.to_owned());
-        let thread = std::thread::spawn(move || {
-            let mut seed = 1;
-            while !stop2.load(Ordering::Relaxed) {
-                let r = run_bounded(
-                    Command::new("fio").args([
-                        "--name=verify",
-                        "--ioengine=nbd",
-                        "--uri=nbd://127.0.0.1:10809/vol0",
-                        "--rw=randwrite",
-                        "--bs=64k",
-                        &format!("--offset={offset}"),
-                        &format!("--size={size}"),
-                        "--iodepth=8",
-                        "--verify=crc32c",
-                        "--verify_fatal=1",
-                        "--do_verify=1",
-                        "--verify_state_save=0",
-                        &format!("--randseed={seed}"),
-                    ]),
-                    Duration::from_secs(300),
-                );
-                r.expect_success(&format!("fio write+verify run {seed}"));
-                runs2.fetch_add(1, Ordering::Relaxed);
-                seed += 1;
-            }
-        });
-        FioLoop { stop, runs, thread }
-    }
-
-    /// Stops after the current run; panics if any run failed to verify. Returns the runs.
-    fn finish(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().expect("every fio run verified");
-        self.runs.load(Ordering::Relaxed)
-    }
 }
 
 /// A node holding a live replica of vol0 other than `not` (vol0's engine runs on node-1).
@@ -185,7 +106,7 @@ fn node_killed_under_fio_is_replaced_rebuilt_and_cleaned_up_when_it_returns() {
     let tmp = tempfile::tempdir().unwrap();
     let mut c = ClusterOpts::new(4).start(&tmp.path().join("data"));
     let want = write_data(64 << 20, 0x500);
-    let fio = FioLoop::start("128M", "96M");
+    let fio = FioLoop::start("128M", "96M", "64k");
     wait_until("fio to write", Duration::from_secs(60), || {
         c.status()["replicas"][0]["writes"].as_u64().unwrap_or(0) > 200
     });
@@ -207,7 +128,7 @@ fn node_killed_under_fio_is_replaced_rebuilt_and_cleaned_up_when_it_returns() {
     assert_eq!(job["kind"], "rebuild", "{status:#}");
     assert_eq!(job["state"], "done", "{status:#}");
     c.assert_verified("after the replacement");
-    assert_data(&want, "data written before the node died");
+    assert_vol0(&want, "data written before the node died");
     assert!(
         c.replica_dir(&victim, &old).exists(),
         "the dead node's data stays while it is away"
@@ -226,7 +147,7 @@ fn node_killed_under_fio_is_replaced_rebuilt_and_cleaned_up_when_it_returns() {
         },
     );
     c.assert_verified("after the node returned");
-    assert_data(&want, "data after the node returned");
+    assert_vol0(&want, "data after the node returned");
     c.stop();
 }
 
@@ -274,7 +195,7 @@ fn partitioned_node_is_replaced_and_its_stale_replica_removed_when_healed() {
     let agent = c.agent_pid(&victim);
     cut_off(&ip);
     // Writes go on while the node is cut off: the engine fails its replica.
-    let mut nbd = NbdClient::connect(NBD, "vol0");
+    let mut nbd = NbdClient::connect(CLUSTER_NBD, "vol0");
     let mut rng = Rng::new(0x502);
     let more = random_bytes(&mut rng, 8 << 20);
     nbd.write(32 << 20, &more)
@@ -302,7 +223,7 @@ fn partitioned_node_is_replaced_and_its_stale_replica_removed_when_healed() {
         agent,
         "the same agent process cleaned up"
     );
-    assert_data(&want, "data after the partition healed");
+    assert_vol0(&want, "data after the partition healed");
     c.assert_verified("after the partition healed");
     c.stop();
 }
@@ -428,7 +349,7 @@ fn meta_leader_killed_a_new_one_serves_every_record_and_controllers_go_on() {
     let (new, _) = wait_replaced(&c, &old, &victim, Duration::from_secs(180));
     assert!(!before_reps.contains(&new), "{new} is a new replica");
     c.assert_verified("after the replacement under the new leader");
-    assert_data(&want, "data after the leader change and the replacement");
+    assert_vol0(&want, "data after the leader change and the replacement");
     drop(lock);
     wait_cleaned_up(&c, &victim, &old, Duration::from_secs(90));
     // The killed member comes back and catches up: reads through it see the new volume.
@@ -513,7 +434,7 @@ fn agent_killed_mid_rebuild_has_the_rebuild_restarted_and_data_intact() {
     let job = &replica_status(&status, &new)["rebuild"];
     assert_eq!(job["state"], "done", "{status:#}");
     c.assert_verified("after the restarted rebuild");
-    assert_data(&want, "data after the restarted rebuild");
+    assert_vol0(&want, "data after the restarted rebuild");
     drop(lock);
     wait_cleaned_up(&c, &victim, &old, Duration::from_secs(90));
     c.stop();
@@ -555,7 +476,7 @@ fn whole_cluster_restarted_after_every_node_was_down_serves_the_data() {
     });
     drop(locks);
     let mut c = starter.join().expect("cairn dev serves again");
-    assert_data(&want, "data after the whole-cluster restart");
+    assert_vol0(&want, "data after the whole-cluster restart");
     wait_until("vol0 healthy", Duration::from_secs(120), || {
         s(&c.volume(), "state") == "healthy"
     });

@@ -9,97 +9,11 @@
 mod common;
 
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use common::*;
 
 const MIB: u64 = 1 << 20;
-const NBD: &str = "127.0.0.1:10809";
-
-/// Writes `data` at `offset` through NBD and flushes.
-fn write_at(offset: u64, data: &[u8]) {
-    let mut nbd = NbdClient::connect(NBD, "vol0");
-    for (k, piece) in data.chunks(4 << 20).enumerate() {
-        let at = offset + (k as u64) * (4 << 20);
-        nbd.write(at, piece)
-            .unwrap_or_else(|e| panic!("write at {at}: NBD error {e}"));
-    }
-    nbd.flush().expect("flush");
-}
-
-/// Reads `want.len()` bytes at 0 through NBD and compares them with `want`.
-fn assert_data(want: &[u8], what: &str) {
-    let mut nbd = NbdClient::connect(NBD, "vol0");
-    let mut got = Vec::with_capacity(want.len());
-    let mut at = 0u64;
-    while (at as usize) < want.len() {
-        let n = (4 * MIB).min(want.len() as u64 - at) as u32;
-        got.extend(
-            nbd.read(at, n)
-                .unwrap_or_else(|e| panic!("read at {at}: NBD error {e}")),
-        );
-        at += u64::from(n);
-    }
-    assert_same_bytes(&got, want, what);
-}
-
-/// fio writing and verifying `size` from `offset` in a loop until stopped; every run must
-/// verify.
-struct FioLoop {
-    stop: Arc<AtomicBool>,
-    runs: Arc<AtomicU64>,
-    thread: JoinHandle<()>,
-}
-
-impl FioLoop {
-    fn start(offset: &str, size: &str) -> FioLoop {
-        let stop = Arc::new(AtomicBool::new(false));
-        let runs = Arc::new(AtomicU64::new(0));
-        let (stop2, runs2) = (stop.clone(), runs.clone());
-        let (offset, size) = (offset.to_owned(), size.to_owned());
-        let thread = std::thread::spawn(move || {
-            let mut seed = 1;
-            while !stop2.load(Ordering::Relaxed) {
-                let r = run_bounded(
-                    Command::new("fio").args([
-                        "--name=verify",
-                        "--ioengine=nbd",
-                        "--uri=nbd://127.0.0.1:10809/vol0",
-                        "--rw=randwrite",
-                        "--bs=16k",
-                        &format!("--offset={offset}"),
-                        &format!("--size={size}"),
-                        "--iodepth=8",
-                        "--verify=crc32c",
-                        "--verify_fatal=1",
-                        "--do_verify=1",
-                        "--verify_state_save=0",
-                        &format!("--randseed={seed}"),
-                    ]),
-                    Duration::from_secs(300),
-                );
-                r.expect_success(&format!("fio write+verify run {seed}"));
-                runs2.fetch_add(1, Ordering::Relaxed);
-                seed += 1;
-            }
-        });
-        FioLoop { stop, runs, thread }
-    }
-
-    fn runs(&self) -> u64 {
-        self.runs.load(Ordering::Relaxed)
-    }
-
-    /// Stops after the current run; panics if any run failed to verify. Returns the runs.
-    fn finish(self) -> u64 {
-        self.stop.store(true, Ordering::Relaxed);
-        self.thread.join().expect("every fio run verified");
-        self.runs.load(Ordering::Relaxed)
-    }
-}
 
 /// `cairn ARGS` expected to fail with exit 1 and `why` on stderr.
 fn refused(args: &[&str], why: &str) {
@@ -179,9 +93,9 @@ fn snapshots_under_fio_through_the_cli() {
     let mut c = ClusterOpts::new(3).start(&tmp.path().join("data"));
     let mut rng = Rng::new(0x5a9);
     let want = random_bytes(&mut rng, (32 * MIB) as usize);
-    write_at(0, &want);
+    write_vol0(0, &want);
 
-    let fio = FioLoop::start("64M", "64M");
+    let fio = FioLoop::start("64M", "64M", "16k");
     wait_until("fio to write", Duration::from_secs(60), || {
         c.status()["replicas"][0]["writes"].as_u64().unwrap_or(0) > 100
     });
@@ -231,7 +145,7 @@ fn snapshots_under_fio_through_the_cli() {
     assert_eq!(names(&listed(&c)), made);
     assert_chains(&c, &made, "after the deletes");
     c.assert_verified("after snapshots under fio");
-    assert_data(&want, "data written before the snapshots");
+    assert_vol0(&want, "data written before the snapshots");
     let max = pauses.iter().max().copied().unwrap_or(0);
     println!("pauses (us): {pauses:?}");
     assert!(max < 2_000_000, "a snapshot held writes for {max} us");
@@ -247,7 +161,7 @@ fn snapshot_deletes_keep_the_data_and_detached_volumes_are_refused() {
     let mut c = ClusterOpts::new(3).start(&tmp.path().join("data"));
     let mut rng = Rng::new(0xde1);
     let mut want = random_bytes(&mut rng, (24 * MIB) as usize);
-    write_at(0, &want);
+    write_vol0(0, &want);
     // Three layers, each overwriting part of the one below.
     for (k, (at, len)) in [(4 * MIB, 8 * MIB), (10 * MIB, 6 * MIB), (0, MIB)]
         .into_iter()
@@ -256,13 +170,13 @@ fn snapshot_deletes_keep_the_data_and_detached_volumes_are_refused() {
         snap(&c, &format!("d{k}"), &[]);
         let data = random_bytes(&mut rng, len as usize);
         want[at as usize..(at + len) as usize].copy_from_slice(&data);
-        write_at(at, &data);
+        write_vol0(at, &data);
     }
-    assert_data(&want, "after three snapshots");
+    assert_vol0(&want, "after three snapshots");
     // Deleting merges a layer: the content stays byte-identical.
     for name in ["d1", "d0", "d2"] {
         c.cli(&["snapshot", "delete", "vol0", name]);
-        assert_data(&want, &format!("after deleting {name}"));
+        assert_vol0(&want, &format!("after deleting {name}"));
     }
     assert!(listed(&c).is_empty());
     assert_chains(&c, &[], "after every delete");
@@ -293,7 +207,7 @@ fn snapshot_deletes_keep_the_data_and_detached_volumes_are_refused() {
         "volume other is not attached; attach it to take a snapshot",
     );
     c.cli(&["volume", "attach", "vol0", "--node", "node-1"]);
-    assert_data(&want, "after detach and attach");
+    assert_vol0(&want, "after detach and attach");
     snap(&c, "late", &[]);
     refused(
         &["snapshot", "create", "vol0", "late"],
@@ -302,7 +216,7 @@ fn snapshot_deletes_keep_the_data_and_detached_volumes_are_refused() {
     assert_eq!(names(&listed(&c)), ["kept", "late"]);
     c.cli(&["snapshot", "delete", "vol0", "kept"]);
     c.cli(&["snapshot", "delete", "vol0", "late"]);
-    assert_data(&want, "after the last deletes");
+    assert_vol0(&want, "after the last deletes");
     c.assert_verified("at the end");
     c.stop();
 }
@@ -316,14 +230,14 @@ fn a_rebuilt_replica_has_the_same_chain() {
     let mut c = ClusterOpts::new(4).start(&tmp.path().join("data"));
     let mut rng = Rng::new(0xc4a1);
     let mut want = random_bytes(&mut rng, (16 * MIB) as usize);
-    write_at(0, &want);
+    write_vol0(0, &want);
     let chain: Vec<String> = (0..3).map(|k| format!("c{k}")).collect();
     for (k, name) in chain.iter().enumerate() {
         snap(&c, name, &[&format!("k={k}")]);
         let at = (k as u64) * 4 * MIB;
         let data = random_bytes(&mut rng, (2 * MIB) as usize);
         want[at as usize..(at + 2 * MIB) as usize].copy_from_slice(&data);
-        write_at(at, &data);
+        write_vol0(at, &data);
     }
     assert_chains(&c, &chain, "before the node dies");
 
@@ -370,10 +284,10 @@ fn a_rebuilt_replica_has_the_same_chain() {
     assert_eq!(names(&l), chain, "{l:#?}");
     assert!(l.iter().all(|s| s["on_replicas"] == true), "{l:#?}");
     c.assert_verified("after the rebuild");
-    assert_data(&want, "after the rebuild");
+    assert_vol0(&want, "after the rebuild");
     // The rebuilt replica serves reads: delete a snapshot (merge) and read again.
     c.cli(&["snapshot", "delete", "vol0", "c1"]);
-    assert_data(&want, "after deleting c1 on the rebuilt set");
+    assert_vol0(&want, "after deleting c1 on the rebuilt set");
     c.assert_verified("after the delete");
     c.stop();
 }
@@ -389,8 +303,8 @@ fn two_hundred_snapshots_on_one_volume() {
     let mut c = ClusterOpts::new(3).start(&tmp.path().join("data"));
     let mut rng = Rng::new(0x200);
     let mut want = random_bytes(&mut rng, (16 * MIB) as usize);
-    write_at(0, &want);
-    let mut nbd = NbdClient::connect(NBD, "vol0");
+    write_vol0(0, &want);
+    let mut nbd = NbdClient::connect(CLUSTER_NBD, "vol0");
     // Each layer holds one 64 KiB piece at a random place (some overwrite earlier ones).
     for k in 0..SNAPS {
         let at = rng.below(16 * MIB / PIECE) * PIECE;
@@ -406,13 +320,13 @@ fn two_hundred_snapshots_on_one_volume() {
     assert!(l
         .iter()
         .all(|s| s["recorded"] == true && s["on_replicas"] == true));
-    assert_data(&want, &format!("after {SNAPS} snapshots"));
+    assert_vol0(&want, &format!("after {SNAPS} snapshots"));
     c.assert_verified(&format!("after {SNAPS} snapshots"));
     // A few deletes in the middle of the chain merge layers; the content stays.
     for k in [0, 57, 123, SNAPS - 1] {
         c.cli(&["snapshot", "delete", "vol0", &format!("n{k}")]);
     }
-    assert_data(&want, "after deleting four of the snapshots");
+    assert_vol0(&want, "after deleting four of the snapshots");
     assert_eq!(listed(&c).len() as u64, SNAPS - 4);
     c.stop();
 }

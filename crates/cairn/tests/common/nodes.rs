@@ -296,3 +296,91 @@ pub fn live(replicas: &[serde_json::Value]) -> Vec<&serde_json::Value> {
 pub fn s<'a>(v: &'a serde_json::Value, field: &str) -> &'a str {
     v[field].as_str().unwrap_or("")
 }
+
+/// node-1's NBD server in a test cluster (vol0's export).
+pub const CLUSTER_NBD: &str = "127.0.0.1:10809";
+
+/// Writes `data` at `offset` to vol0 through NBD in 4 MiB pieces, then flushes.
+pub fn write_vol0(offset: u64, data: &[u8]) {
+    let mut nbd = super::NbdClient::connect(CLUSTER_NBD, "vol0");
+    for (k, piece) in data.chunks(4 << 20).enumerate() {
+        let at = offset + (k as u64) * (4 << 20);
+        nbd.write(at, piece)
+            .unwrap_or_else(|e| panic!("write at {at}: NBD error {e}"));
+    }
+    nbd.flush().expect("flush");
+}
+
+/// Reads `want.len()` bytes of vol0 at 0 through NBD (4 MiB at a time) and compares them
+/// with `want`.
+pub fn assert_vol0(want: &[u8], what: &str) {
+    let mut nbd = super::NbdClient::connect(CLUSTER_NBD, "vol0");
+    let mut got = Vec::with_capacity(want.len());
+    let mut at = 0u64;
+    while at < want.len() as u64 {
+        let n = u32::try_from((4u64 << 20).min(want.len() as u64 - at)).expect("<= 4 MiB");
+        got.extend(
+            nbd.read(at, n)
+                .unwrap_or_else(|e| panic!("read at {at}: NBD error {e}")),
+        );
+        at += u64::from(n);
+    }
+    super::assert_same_bytes(&got, want, what);
+}
+
+/// fio writing and verifying vol0 (`size` from `offset`, blocks of `bs`) in a loop until
+/// stopped; every run must verify.
+pub struct FioLoop {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    runs: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl FioLoop {
+    pub fn start(offset: &str, size: &str, bs: &str) -> FioLoop {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let runs = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (stop2, runs2) = (stop.clone(), runs.clone());
+        let (offset, size, bs) = (offset.to_owned(), size.to_owned(), bs.to_owned());
+        let thread = std::thread::spawn(move || {
+            let mut seed = 1;
+            while !stop2.load(Ordering::Relaxed) {
+                let r = run_bounded(
+                    Command::new("fio").args([
+                        "--name=verify",
+                        "--ioengine=nbd",
+                        "--uri=nbd://127.0.0.1:10809/vol0",
+                        "--rw=randwrite",
+                        &format!("--bs={bs}"),
+                        &format!("--offset={offset}"),
+                        &format!("--size={size}"),
+                        "--iodepth=8",
+                        "--verify=crc32c",
+                        "--verify_fatal=1",
+                        "--do_verify=1",
+                        "--verify_state_save=0",
+                        &format!("--randseed={seed}"),
+                    ]),
+                    Duration::from_secs(300),
+                );
+                r.expect_success(&format!("fio write+verify run {seed}"));
+                runs2.fetch_add(1, Ordering::Relaxed);
+                seed += 1;
+            }
+        });
+        FioLoop { stop, runs, thread }
+    }
+
+    /// Runs finished so far.
+    pub fn runs(&self) -> u64 {
+        self.runs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops after the current run; panics if any run failed to verify. Returns the runs.
+    pub fn finish(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("every fio run verified");
+        self.runs.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
