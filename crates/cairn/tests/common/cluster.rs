@@ -339,6 +339,60 @@ pub struct Dev {
     pub uri: String,
 }
 
+/// A `cairn dev` that printed its URI: the process, its stdout (held so it never writes to a
+/// closed pipe) and its log (`DIR.log`, stderr appended).
+pub struct StartedDev {
+    pub child: Child,
+    pub stdout: BufReader<ChildStdout>,
+    pub log: PathBuf,
+}
+
+/// Spawns `cairn dev --data-dir DIR` plus what `args` adds, and waits up to `limit` for its
+/// first stdout line to be `uri`; otherwise kills it and panics with its log.
+pub fn start_dev(
+    dir: &Path,
+    uri: &str,
+    limit: Duration,
+    args: impl FnOnce(&mut Command),
+) -> StartedDev {
+    let log = log_path(dir);
+    let log_file = File::options()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .expect("open cairn dev log");
+    let mut cmd = Command::new(cairn_bin());
+    cmd.arg("dev").arg("--data-dir").arg(dir);
+    args(&mut cmd);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file)
+        .spawn()
+        .expect("spawn cairn dev");
+    let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let n = stdout.read_line(&mut line);
+        let _ = tx.send((n, line, stdout));
+    });
+    match rx.recv_timeout(limit) {
+        Ok((Ok(n), line, stdout)) if n > 0 && line.trim() == uri => {
+            StartedDev { child, stdout, log }
+        }
+        other => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let first = other.map(|(_, line, _)| line);
+            panic!(
+                "cairn dev did not print {uri} (first stdout line {first:?}); log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+    }
+}
+
 /// How a test's `cairn dev` runs: healing on unless [`no_heal`](Self::no_heal), the default
 /// ports, 256 MiB.
 #[derive(Debug, Clone)]
@@ -400,59 +454,28 @@ impl Dev {
     }
 
     fn spawn(dir: &Path, opts: &DevOpts) -> Dev {
-        let log = log_path(dir);
-        let log_file = File::options()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("open cairn dev log");
         let size = opts.size.clone().unwrap_or_else(|| "256MiB".to_owned());
-        let mut child = Command::new(cairn_bin())
-            .arg("dev")
-            .arg("--data-dir")
-            .arg(dir)
-            .arg("--standalone")
-            .args(["--replicas", "3", "--size", &size])
-            .args(["--nbd-listen", &opts.nbd, "--control-listen", &opts.control])
-            .args([
-                "--io-timeout",
-                &opts.io_timeout,
-                "--replica-ips",
-                REPLICA_IPS,
-            ])
-            .args(&opts.extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn cairn dev");
         let uri = format!("nbd://{}/vol0", opts.nbd);
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let n = stdout.read_line(&mut line);
-            let _ = tx.send((n, line, stdout));
+        let started = start_dev(dir, &uri, Duration::from_secs(60), |cmd| {
+            cmd.arg("--standalone")
+                .args(["--replicas", "3", "--size", &size])
+                .args(["--nbd-listen", &opts.nbd, "--control-listen", &opts.control])
+                .args([
+                    "--io-timeout",
+                    &opts.io_timeout,
+                    "--replica-ips",
+                    REPLICA_IPS,
+                ])
+                .args(&opts.extra);
         });
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok((Ok(n), line, stdout)) if n > 0 && line.trim() == uri => Dev {
-                child,
-                _stdout: stdout,
-                dir: dir.to_owned(),
-                log,
-                stopped: false,
-                control: opts.control.clone(),
-                uri,
-            },
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let first = other.map(|(_, line, _)| line);
-                panic!(
-                    "cairn dev did not print {uri} (first stdout line {first:?}); log:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
+        Dev {
+            child: started.child,
+            _stdout: started.stdout,
+            dir: dir.to_owned(),
+            log: started.log,
+            stopped: false,
+            control: opts.control.clone(),
+            uri,
         }
     }
 

@@ -2,13 +2,12 @@
 //! record views its CLI prints.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, ChildStdout, Command};
 use std::time::Duration;
 
-use super::{cairn_bin, children_of, log_path, proc_alive, run_bounded, send_signal, wait_until};
+use super::{cairn_bin, children_of, proc_alive, run_bounded, send_signal, wait_until};
 
 /// A running multi-node `cairn dev`; SIGKILLed when dropped.
 pub struct Cluster {
@@ -59,17 +58,9 @@ impl ClusterOpts {
 
     /// Starts `cairn dev` and returns once it printed the volume's URI.
     pub fn start(&self, dir: &Path) -> Cluster {
-        let log = log_path(dir);
-        let log_file = File::options()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .expect("open cairn dev log");
-        let mut child = Command::new(cairn_bin())
-            .arg("dev")
-            .arg("--data-dir")
-            .arg(dir)
-            .args([
+        let uri = "nbd://127.0.0.1:10809/vol0".to_owned();
+        let started = super::start_dev(dir, &uri, Duration::from_secs(120), |cmd| {
+            cmd.args([
                 "--nodes",
                 &self.nodes.to_string(),
                 "--meta",
@@ -83,39 +74,16 @@ impl ClusterOpts {
                 "3s",
             ])
             .args(["--io-timeout", "2s"])
-            .args(&self.extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn cairn dev");
-        let uri = "nbd://127.0.0.1:10809/vol0".to_owned();
-        let mut stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let n = stdout.read_line(&mut line);
-            let _ = tx.send((n, line, stdout));
+            .args(&self.extra);
         });
-        match rx.recv_timeout(Duration::from_secs(120)) {
-            Ok((Ok(n), line, stdout)) if n > 0 && line.trim() == uri => Cluster {
-                child,
-                _stdout: stdout,
-                dir: dir.to_owned(),
-                log,
-                stopped: false,
-                uri,
-                meta: "127.0.0.1:10811".into(),
-            },
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let first = other.map(|(_, line, _)| line);
-                panic!(
-                    "cairn dev did not print {uri} (first stdout line {first:?}); log:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
+        Cluster {
+            child: started.child,
+            _stdout: started.stdout,
+            dir: dir.to_owned(),
+            log: started.log,
+            stopped: false,
+            uri,
+            meta: "127.0.0.1:10811".into(),
         }
     }
 }
