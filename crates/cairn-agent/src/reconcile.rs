@@ -18,6 +18,7 @@ use cairn_proto::v1::{
     DeleteRequest, EventType, GetRequest, Key, Kind, ListRequest, Node, Record, Replica,
     ReplicaHealth, ReplicaMode, UpdateRequest, Volume, WatchRequest,
 };
+use futures::FutureExt;
 use tokio::sync::mpsc;
 use tonic::{Code, Status};
 
@@ -170,7 +171,7 @@ impl Reconciler {
                         Ok(Some(ev)) => {
                             self.view.apply(&ev);
                             // Take every event already here before one pass.
-                            while let Some(Ok(Some(ev))) = futures_now(stream.message()) {
+                            while let Some(Ok(Some(ev))) = stream.message().now_or_never() {
                                 self.view.apply(&ev);
                             }
                             self.reconcile();
@@ -438,17 +439,6 @@ impl Reconciler {
                 .await;
             }
         }
-    }
-}
-
-/// The next item if it is ready now, without waiting.
-fn futures_now<F: std::future::Future>(f: F) -> Option<F::Output> {
-    let waker = std::task::Waker::noop();
-    let mut cx = std::task::Context::from_waker(waker);
-    let mut f = std::pin::pin!(f);
-    match f.as_mut().poll(&mut cx) {
-        std::task::Poll::Ready(v) => Some(v),
-        std::task::Poll::Pending => None,
     }
 }
 
