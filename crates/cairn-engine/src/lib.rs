@@ -38,7 +38,7 @@ use serde::Serialize;
 use heal::{HealState, Identity, Tracker};
 pub use heal::{JobKind, JobState, JobStatus};
 use link::Link;
-pub use link::LinkError;
+pub use link::{Link, LinkError};
 use outage::Outages;
 pub use outage::REGION as OUTAGE_REGION;
 pub use set::{Fanout, Mode, Outcome, ReplicaSet};

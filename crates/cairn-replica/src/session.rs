@@ -107,6 +107,7 @@ fn layer_sel(l: &LayerRef) -> LayerSel {
         LayerRef::Head => LayerSel::Head,
         LayerRef::Snapshot(n) => LayerSel::Snapshot(n.clone()),
         LayerRef::Merged => LayerSel::Merged,
+        LayerRef::MergedAt(n) => LayerSel::MergedAt(n.clone()),
     }
 }
 

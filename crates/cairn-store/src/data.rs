@@ -513,6 +513,11 @@ impl Store {
                 .meta
                 .snapshot_id(name)
                 .ok_or_else(|| StoreError::NotFound(name.clone()))?],
+            LayerSel::MergedAt(name) => self.meta.ancestry(
+                self.meta
+                    .snapshot_id(name)
+                    .ok_or_else(|| StoreError::NotFound(name.clone()))?,
+            ),
         })
     }
 

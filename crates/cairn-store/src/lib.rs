@@ -73,6 +73,8 @@ pub enum LayerSel {
     Snapshot(String),
     /// The volume's logical content (every layer of the head's chain).
     Merged,
+    /// The content as of one snapshot: its layer and its ancestors'.
+    MergedAt(String),
 }
 
 /// A snapshot as listed.

@@ -23,6 +23,8 @@ const LAYER_HEAD: u8 = 0;
 const LAYER_SNAPSHOT: u8 = 1;
 /// Layer tag: the merged logical content of the whole chain.
 const LAYER_MERGED: u8 = 2;
+/// Layer tag: the logical content as of a named snapshot (a `str` name follows).
+const LAYER_MERGED_AT: u8 = 3;
 
 /// Bytes before the block CRCs in a Write payload: u64 offset, u32 len.
 const WRITE_FIXED_LEN: usize = 12;
@@ -38,6 +40,9 @@ pub enum LayerRef {
     Snapshot(String),
     /// The logical content: head over its snapshots.
     Merged,
+    /// The logical content as of one snapshot, by name: that snapshot over its ancestors
+    /// (what the volume read when the snapshot was taken).
+    MergedAt(String),
 }
 
 impl LayerRef {
@@ -49,6 +54,10 @@ impl LayerRef {
                 put_str(out, name)?;
             }
             LayerRef::Merged => out.put_u8(LAYER_MERGED),
+            LayerRef::MergedAt(name) => {
+                out.put_u8(LAYER_MERGED_AT);
+                put_str(out, name)?;
+            }
         }
         Ok(())
     }
@@ -58,6 +67,7 @@ impl LayerRef {
             LAYER_HEAD => Ok(LayerRef::Head),
             LAYER_SNAPSHOT => Ok(LayerRef::Snapshot(r.string()?)),
             LAYER_MERGED => Ok(LayerRef::Merged),
+            LAYER_MERGED_AT => Ok(LayerRef::MergedAt(r.string()?)),
             tag => Err(WireError::UnknownLayer(tag)),
         }
     }

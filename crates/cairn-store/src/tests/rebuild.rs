@@ -487,3 +487,52 @@ fn recreate_clears_a_partial_leftover_first() {
     assert!(!scratch.exists());
     assert_empty_replica(&mut s, before);
 }
+
+#[test]
+fn merged_at_reads_the_content_as_of_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = store(dir.path(), 16);
+    let a = pattern(31, 4 * BSZ);
+    write(&mut s, 0, &a).unwrap(); // blocks 0-3
+    s.snapshot_create("s1", 1, vec![]).unwrap();
+    let b = pattern(32, 2 * BSZ);
+    write(&mut s, 2 * 4096, &b).unwrap(); // blocks 2-3 over s1
+    write(&mut s, 8 * 4096, &b).unwrap(); // blocks 8-9, new
+    s.snapshot_create("s2", 2, vec![]).unwrap();
+    let c = pattern(33, BSZ);
+    write(&mut s, 0, &c).unwrap(); // head only
+    s.trim(8 * 4096, 4096).unwrap(); // explicit zeros in the head
+
+    let mut at = |s: &mut Store, name: &str| {
+        let mut buf = vec![0u8; 16 * BSZ];
+        s.read_layer(&LayerSel::MergedAt(name.into()), 0, &mut buf)
+            .unwrap();
+        buf
+    };
+    let mut want1 = vec![0u8; 16 * BSZ];
+    want1[..4 * BSZ].copy_from_slice(&a);
+    assert_eq!(at(&mut s, "s1"), want1, "s1 is blocks 0-3 of a");
+    let mut want2 = want1.clone();
+    want2[2 * BSZ..4 * BSZ].copy_from_slice(&b);
+    want2[8 * BSZ..10 * BSZ].copy_from_slice(&b);
+    assert_eq!(at(&mut s, "s2"), want2, "s2 is s1 with b over it");
+    assert_eq!(
+        s.extents(&LayerSel::MergedAt("s1".into()), 0, 16 * 4096)
+            .unwrap(),
+        vec![(0, 4 * 4096)]
+    );
+    assert_eq!(
+        s.extents(&LayerSel::MergedAt("s2".into()), 0, 16 * 4096)
+            .unwrap(),
+        vec![(0, 4 * 4096), (8 * 4096, 2 * 4096)]
+    );
+
+    // A revert to s1 keeps s2 on its own branch: still readable as it was.
+    s.snapshot_revert("s1").unwrap();
+    assert_eq!(at(&mut s, "s2"), want2);
+    assert_eq!(at(&mut s, "s1"), want1);
+    assert!(matches!(
+        s.extents(&LayerSel::MergedAt("nope".into()), 0, 4096),
+        Err(StoreError::NotFound(_))
+    ));
+}

@@ -120,7 +120,7 @@ fn every_request() -> Vec<Request> {
             len: 1 << 20,
         },
         Request::ListExtents {
-            layer: LayerRef::Merged,
+            layer: LayerRef::MergedAt("nightly".into()),
             offset: 4096,
             len: 0,
         },
@@ -386,8 +386,8 @@ fn structural_faults_are_refused() {
         Err(WireError::Truncated)
     );
     assert_eq!(
-        Request::decode(&frame(op::LIST_EXTENTS, 0, vec![3; 17])),
-        Err(WireError::UnknownLayer(3))
+        Request::decode(&frame(op::LIST_EXTENTS, 0, vec![4; 17])),
+        Err(WireError::UnknownLayer(4))
     );
     assert_eq!(
         Request::decode(&frame(op::SNAPSHOT_DELETE, 0, vec![2, 0, 0xFF, 0xFE])),
