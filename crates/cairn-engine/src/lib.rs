@@ -37,7 +37,6 @@ use serde::Serialize;
 
 use heal::{HealState, Identity, Tracker};
 pub use heal::{JobKind, JobState, JobStatus};
-use link::Link;
 pub use link::{Link, LinkError};
 use outage::Outages;
 pub use outage::REGION as OUTAGE_REGION;
