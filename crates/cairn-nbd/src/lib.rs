@@ -75,6 +75,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, BufStream};
 use tokio::net::TcpListener;
 use tracing::Instrument;
 
+pub mod client;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 mod handshake;
@@ -84,6 +85,7 @@ mod reply;
 mod request;
 mod transmission;
 
+pub use client::{NbdClient, NbdClientError};
 use negotiate::ExportMeta;
 use request::Limits;
 
