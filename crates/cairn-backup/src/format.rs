@@ -38,6 +38,26 @@ pub enum Compression {
     Zstd(i32),
 }
 
+impl std::str::FromStr for Compression {
+    type Err = String;
+
+    /// `none`, `lz4`, `zstd` (level 3) or `zstd:LEVEL` (1-22).
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Compression::None),
+            "lz4" => Ok(Compression::Lz4),
+            "zstd" => Ok(Compression::Zstd(3)),
+            _ => match s.strip_prefix("zstd:").map(str::parse::<i32>) {
+                Some(Ok(l)) if (1..=22).contains(&l) => Ok(Compression::Zstd(l)),
+                Some(_) => Err(format!("zstd level in {s:?} must be 1-22")),
+                None => Err(format!(
+                    "unknown compression {s:?} (none, lz4, zstd or zstd:LEVEL)"
+                )),
+            },
+        }
+    }
+}
+
 /// Builds a block object for `data` whose BLAKE3 hash is `hash`. A payload that does not
 /// shrink under compression is stored uncompressed.
 pub fn encode_block(data: &[u8], hash: &blake3::Hash, compression: Compression) -> Bytes {

@@ -108,7 +108,20 @@ pub fn validate_record(record: &Record) -> Result<(), ValidationError> {
             validate_name("backup.name", &b.name)?;
             validate_name("backup.volume", &b.volume)?;
             validate_name("backup.snapshot", &b.snapshot)?;
-            validate_name("backup.target", &b.target)
+            // A BackupTarget's name, or the target URL itself.
+            if b.target.starts_with("s3://") || b.target.starts_with("file://") {
+                if b.target.len() > 1024 {
+                    return Err(ValidationError::NameTooLong {
+                        field: "backup.target",
+                        name: b.target.clone(),
+                        len: b.target.len(),
+                        max: 1024,
+                    });
+                }
+                Ok(())
+            } else {
+                validate_name("backup.target", &b.target)
+            }
         }
     }
 }
@@ -201,6 +214,7 @@ mod tests {
             state_reason: "12 of 512 blocks".into(),
             size_bytes: 2 << 20,
             created_unix_ms: 1_795_000_000_002,
+            snapshot_created_unix_ms: 1_795_000_000_001,
         };
         vec![
             Record {
@@ -335,6 +349,21 @@ mod tests {
                 field: "backup.snapshot"
             })
         );
+        let with_target = |t: String| {
+            let mut rec = samples().swap_remove(5);
+            if let Some(R::Backup(b)) = rec.record.as_mut() {
+                b.target = t;
+            }
+            validate_record(&rec)
+        };
+        assert_eq!(with_target("s3://bucket/prefix".into()), Ok(()), "a URL");
+        assert_eq!(with_target("file:///srv/backups".into()), Ok(()), "a URL");
+        assert!(
+            with_target("http://elsewhere".into()).is_err(),
+            "s3 and file only"
+        );
+        let long = format!("file:///{}", "d".repeat(1100));
+        assert!(with_target(long).is_err(), "a URL over 1024 bytes");
         let mut replica = samples().swap_remove(2);
         let Some(R::Replica(r)) = replica.record.as_mut() else {
             unreachable!()

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod agent;
+mod backup;
 mod control;
 mod dev;
 mod dev_cluster;
@@ -15,6 +16,7 @@ mod records;
 mod replica;
 mod snapshot;
 mod volume;
+mod volume_data;
 
 /// Cairn: a replicated block store for Kubernetes.
 #[derive(Debug, Parser)]
@@ -59,6 +61,11 @@ enum Command {
     /// (merges the layer; the volume's content is unchanged).
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCommand),
+    /// Backups of volume snapshots to S3 (`s3://bucket/prefix`) or a directory
+    /// (`file:///dir`): create (incremental when it can be), list, restore into a new
+    /// volume, delete (garbage-collects unused blocks). Layout: docs/backup.md.
+    #[command(subcommand)]
+    Backup(backup::BackupCommand),
 }
 
 fn main() -> ExitCode {
@@ -91,6 +98,7 @@ fn main() -> ExitCode {
         Command::Member(c) => member::run(c),
         Command::Agent(a) => agent::run(a),
         Command::Snapshot(c) => snapshot::run(c),
+        Command::Backup(c) => backup::run(c),
     };
     match result {
         Ok(code) => code,

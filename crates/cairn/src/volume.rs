@@ -20,17 +20,33 @@ use tonic::transport::Channel;
 
 use crate::control::{self, ControlReply, ControlRequest, DEFAULT_ENDPOINT};
 use crate::records::{self, block_on, run_cli, status_error, user_error, MetaAddr, VolumeJson};
+use crate::volume_data::{self, NewVolume, ReplicaSnapshot};
 
 #[derive(Debug, Subcommand)]
 pub enum VolumeCommand {
     /// Create a volume record in meta (state `creating` until it is scheduled); prints its
-    /// name.
+    /// name. With `--from-snapshot` the new volume is a clone: it gets its own replicas and
+    /// is filled with the snapshot's content (attached to a node while it is copied, then
+    /// detached; deleted again if the copy fails).
     Create {
         /// Volume name: 1-63 of [a-z0-9-], starting and ending with a letter or digit.
         name: String,
         /// Size, e.g. `1GiB` or `4096`: a non-zero multiple of 4096 bytes, at most 16 TiB - 4 KiB.
-        #[arg(long)]
-        size: bytesize::ByteSize,
+        /// Required unless `--from-snapshot` is given (a clone defaults to the source's size
+        /// and may not be smaller).
+        #[arg(long, required_unless_present = "from_snapshot")]
+        size: Option<bytesize::ByteSize>,
+        /// Clone snapshot SNAPSHOT of volume VOLUME (read from one of its RW replicas; the
+        /// source may be attached and taking writes).
+        #[arg(long, value_name = "VOLUME/SNAPSHOT")]
+        from_snapshot: Option<String>,
+        /// Clone only: the node to attach the new volume to while it is filled. Default: a
+        /// node holding one of its replicas.
+        #[arg(long, requires = "from_snapshot")]
+        node: Option<String>,
+        /// Clone only: chunks of 2 MiB copied at once.
+        #[arg(long, default_value_t = 8, requires = "from_snapshot")]
+        concurrency: usize,
         /// Number of replicas, at least 1.
         #[arg(long, default_value_t = 3)]
         replicas: u32,
@@ -344,13 +360,8 @@ fn wait_rw(
 }
 
 /// `cairn volume create`: validate, then create the record.
-fn create(
-    name: &str,
-    size: u64,
-    replicas: u32,
-    data_locality: DataLocality,
-    meta: &MetaAddr,
-) -> anyhow::Result<ExitCode> {
+/// Checks a new volume's name, size and replica count before any RPC.
+pub fn validate_new(name: &str, size: u64, replicas: u32) -> anyhow::Result<()> {
     cairn_proto::validate_name("volume name", name).map_err(|e| user_error(e.to_string()))?;
     cairn_proto::validate_volume_size(size).map_err(|e| user_error(format!("--size: {e}")))?;
     if replicas == 0 {
@@ -359,6 +370,19 @@ fn create(
             cairn_proto::ValidationError::ZeroReplicas
         )));
     }
+    Ok(())
+}
+
+/// Creates the volume record and waits (up to 5 s) until the scheduler placed it; prints a
+/// warning when it could not place every replica. Returns the record as then stored.
+pub async fn create_async(
+    addr: &str,
+    name: &str,
+    size: u64,
+    replicas: u32,
+    data_locality: DataLocality,
+) -> anyhow::Result<Volume> {
+    validate_new(name, size, replicas)?;
     let rec = Record {
         record: Some(record::Record::Volume(Volume {
             name: name.to_owned(),
@@ -370,29 +394,26 @@ fn create(
             ..Default::default()
         })),
     };
-    let addr = &meta.addr;
-    let placed = block_on(async {
-        let mut client = records::client(addr)?;
-        client
-            .create(CreateRequest { record: Some(rec) })
-            .await
-            .map_err(|s| match s.code() {
-                tonic::Code::AlreadyExists => user_error(format!("volume {name} already exists")),
-                _ => status_error(addr, &s),
-            })?;
-        // Say at once when the replicas cannot all be placed (too few nodes or space): the
-        // scheduler decides within a tick; an answer after 5 s is left to `volume get`.
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-        loop {
-            let v = get_volume_async(&mut client, addr, name).await?;
-            let scheduled =
-                v.state != VolumeState::Creating as i32 || v.state_reason.contains("placed");
-            if scheduled || tokio::time::Instant::now() > deadline {
-                return anyhow::Ok(v);
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let mut client = records::client(addr)?;
+    client
+        .create(CreateRequest { record: Some(rec) })
+        .await
+        .map_err(|s| match s.code() {
+            tonic::Code::AlreadyExists => user_error(format!("volume {name} already exists")),
+            _ => status_error(addr, &s),
+        })?;
+    // Say at once when the replicas cannot all be placed (too few nodes or space): the
+    // scheduler decides within a tick; an answer after 5 s is left to `volume get`.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    let placed = loop {
+        let v = get_volume_async(&mut client, addr, name).await?;
+        let scheduled =
+            v.state != VolumeState::Creating as i32 || v.state_reason.contains("placed");
+        if scheduled || tokio::time::Instant::now() > deadline {
+            break v;
         }
-    })??;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
     if placed.state != VolumeState::Healthy as i32 && !placed.state_reason.is_empty() {
         eprintln!(
             "warning: volume {name} is {}: {}",
@@ -400,7 +421,88 @@ fn create(
             placed.state_reason
         );
     }
+    Ok(placed)
+}
+
+fn create(
+    name: &str,
+    size: u64,
+    replicas: u32,
+    data_locality: DataLocality,
+    meta: &MetaAddr,
+) -> anyhow::Result<ExitCode> {
+    validate_new(name, size, replicas)?;
+    block_on(create_async(
+        &meta.addr,
+        name,
+        size,
+        replicas,
+        data_locality,
+    ))??;
     println!("{name}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cairn volume create NEW --from-snapshot VOLUME/SNAPSHOT`.
+fn clone(
+    from: &str,
+    mut spec: NewVolume,
+    concurrency: usize,
+    meta: &MetaAddr,
+) -> anyhow::Result<ExitCode> {
+    let Some((src_vol, snap)) = from.split_once('/') else {
+        return Err(user_error(format!(
+            "--from-snapshot {from:?} is not VOLUME/SNAPSHOT"
+        )));
+    };
+    cairn_proto::validate_name("volume name", src_vol).map_err(|e| user_error(e.to_string()))?;
+    cairn_proto::validate_name("snapshot name", snap).map_err(|e| user_error(e.to_string()))?;
+    validate_new(&spec.name, 4096, spec.replicas)?;
+    if concurrency == 0 {
+        return Err(user_error("--concurrency must be at least 1"));
+    }
+    let addr = &meta.addr;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the tokio runtime")?;
+    let copied = rt.block_on(async {
+        let mut client = records::client(addr)?;
+        let source = get_volume_async(&mut client, addr, src_vol).await?;
+        let src = ReplicaSnapshot::open(addr, &source, snap).await?;
+        let src_size = cairn_backup::SnapshotSource::size(&src);
+        if spec.size == 0 {
+            spec.size = src_size;
+        } else if spec.size < src_size {
+            return Err(user_error(format!(
+                "--size {} is smaller than volume {src_vol} ({src_size} bytes)",
+                spec.size
+            )));
+        }
+        validate_new(&spec.name, spec.size, spec.replicas)?;
+        let bar = indicatif::ProgressBar::new(0);
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ({eta} left)",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_prefix(spec.name.clone());
+        let out = volume_data::fill_new_volume(addr, &spec, |dst| {
+            let (src, bar) = (&src, &bar);
+            async move { volume_data::copy_snapshot(src, &dst, concurrency, Some(bar)).await }
+        })
+        .await;
+        bar.finish_and_clear();
+        out
+    })?;
+    eprintln!(
+        "cloned {from} into {}: {} of extents read, {} written in {:.1} s",
+        spec.name,
+        bytesize::ByteSize::b(copied.bytes_read).to_string_as(true),
+        bytesize::ByteSize::b(copied.bytes_written).to_string_as(true),
+        copied.seconds
+    );
+    println!("{}", spec.name);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -463,35 +565,36 @@ fn at(given: Option<SocketAddr>, volume: &str) -> anyhow::Result<SocketAddr> {
 
 /// `cairn volume delete`: refused while attached; else the volume turns DELETING (meta's
 /// controller marks its replicas deleted and removes the record), and this waits for that.
-fn delete(name: &str, meta: &MetaAddr) -> anyhow::Result<ExitCode> {
-    let addr = &meta.addr;
-    block_on(async {
-        let mut client = records::client(addr)?;
-        let mut v = get_volume_async(&mut client, addr, name).await?;
-        if !v.attached_node.is_empty() {
-            return Err(user_error(format!(
-                "volume {name} is attached to node {}; detach it first",
-                v.attached_node
-            )));
-        }
-        if v.state != VolumeState::Deleting as i32 {
-            v.state = VolumeState::Deleting as i32;
-            v.state_reason = "deleting: replicas are being removed".into();
-            update_volume(&mut client, addr, v).await?;
-        }
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
-        loop {
-            match get_volume_async(&mut client, addr, name).await {
-                Err(e) if e.downcast_ref::<records::UserError>().is_some() => break,
-                Err(e) => return Err(e),
-                Ok(_) if tokio::time::Instant::now() > deadline => {
-                    anyhow::bail!("volume {name} is still DELETING after 60 s (is meta's leader running its controllers?)")
-                }
-                Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+/// Deletes volume `name` (refused while attached) and waits until meta removed the record.
+pub async fn delete_async(addr: &str, name: &str) -> anyhow::Result<()> {
+    let mut client = records::client(addr)?;
+    let mut v = get_volume_async(&mut client, addr, name).await?;
+    if !v.attached_node.is_empty() {
+        return Err(user_error(format!(
+            "volume {name} is attached to node {}; detach it first",
+            v.attached_node
+        )));
+    }
+    if v.state != VolumeState::Deleting as i32 {
+        v.state = VolumeState::Deleting as i32;
+        v.state_reason = "deleting: replicas are being removed".into();
+        update_volume(&mut client, addr, v).await?;
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match get_volume_async(&mut client, addr, name).await {
+            Err(e) if e.downcast_ref::<records::UserError>().is_some() => return Ok(()),
+            Err(e) => return Err(e),
+            Ok(_) if tokio::time::Instant::now() > deadline => {
+                anyhow::bail!("volume {name} is still DELETING after 60 s (is meta's leader running its controllers?)")
             }
+            Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
         }
-        Ok(())
-    })??;
+    }
+}
+
+fn delete(name: &str, meta: &MetaAddr) -> anyhow::Result<ExitCode> {
+    block_on(delete_async(&meta.addr, name))??;
     println!("{name}");
     Ok(ExitCode::SUCCESS)
 }
@@ -539,7 +642,7 @@ async fn get_record(
         })
 }
 
-async fn update_volume(
+pub async fn update_volume(
     client: &mut MetaClient<Channel>,
     addr: &str,
     v: Volume,
@@ -682,17 +785,20 @@ fn attach(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Records that volume `name` is detached (its node's agent then flushes and stops the
+/// engine). Detaching a detached volume changes nothing.
+pub async fn detach_async(addr: &str, name: &str) -> anyhow::Result<()> {
+    let mut client = records::client(addr)?;
+    let mut v = get_volume_async(&mut client, addr, name).await?;
+    if !v.attached_node.is_empty() {
+        v.attached_node.clear();
+        update_volume(&mut client, addr, v).await?;
+    }
+    Ok(())
+}
+
 fn detach(name: &str, meta: &MetaAddr) -> anyhow::Result<ExitCode> {
-    let addr = &meta.addr;
-    block_on(async {
-        let mut client = records::client(addr)?;
-        let mut v = get_volume_async(&mut client, addr, name).await?;
-        if !v.attached_node.is_empty() {
-            v.attached_node.clear();
-            update_volume(&mut client, addr, v).await?;
-        }
-        anyhow::Ok(())
-    })??;
+    block_on(detach_async(&meta.addr, name))??;
     println!("{name}");
     Ok(ExitCode::SUCCESS)
 }
@@ -720,10 +826,34 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
         VolumeCommand::Create {
             name,
             size,
+            from_snapshot: Some(from),
+            node,
+            concurrency,
             replicas,
             data_locality,
             meta,
-        } => run_cli(|| create(&name, size.as_u64(), replicas, data_locality, &meta)),
+        } => run_cli(|| {
+            let spec = NewVolume {
+                name,
+                size: size.map_or(0, |s| s.as_u64()),
+                replicas,
+                data_locality,
+                node,
+            };
+            clone(&from, spec, concurrency, &meta)
+        }),
+        VolumeCommand::Create {
+            name,
+            size,
+            from_snapshot: None,
+            replicas,
+            data_locality,
+            meta,
+            ..
+        } => run_cli(|| {
+            let size = size.map_or(0, |s| s.as_u64());
+            create(&name, size, replicas, data_locality, &meta)
+        }),
         VolumeCommand::List { json, meta } => run_cli(|| list(json, &meta)),
         VolumeCommand::Get { name, json, meta } => run_cli(|| {
             let v = VolumeJson::from(&get_volume(&meta.addr, &name)?);

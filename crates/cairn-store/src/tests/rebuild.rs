@@ -503,7 +503,7 @@ fn merged_at_reads_the_content_as_of_a_snapshot() {
     write(&mut s, 0, &c).unwrap(); // head only
     s.trim(8 * 4096, 4096).unwrap(); // explicit zeros in the head
 
-    let mut at = |s: &mut Store, name: &str| {
+    let at = |s: &mut Store, name: &str| {
         let mut buf = vec![0u8; 16 * BSZ];
         s.read_layer(&LayerSel::MergedAt(name.into()), 0, &mut buf)
             .unwrap();
