@@ -56,9 +56,10 @@ enum Command {
     /// serves the replicas placed on it and runs the engine and NBD export of the volumes
     /// attached to it.
     Agent(agent::AgentArgs),
-    /// Snapshots of attached volumes, recorded in the metadata service (`--meta`): create
+    /// Snapshots of volumes, recorded in the metadata service (`--meta`): create
     /// (crash-consistent across replicas; prints how long writes paused), list, delete
-    /// (merges the layer; the volume's content is unchanged).
+    /// (merges the layer; the volume's content is unchanged), revert (detached volumes only).
+    /// Clone one with `cairn volume create NEW --from-snapshot VOLUME/SNAPSHOT`.
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCommand),
     /// Backups of volume snapshots to S3 (`s3://bucket/prefix`) or a directory

@@ -23,16 +23,22 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use cairn_engine::Link;
 use cairn_proto::v1::meta_client::MetaClient;
 use cairn_proto::v1::{
-    record, CreateRequest, DeleteRequest, GetRequest, Key, Kind, Node, Record, Snapshot, Volume,
+    record, CreateRequest, DeleteRequest, GetRequest, Key, Kind, Node, Record, Replica,
+    ReplicaMode, Snapshot, UpdateRequest, Volume,
 };
+use cairn_wire::{ReplyBody, Request};
 use clap::Subcommand;
 use serde::Serialize;
 use tonic::transport::Channel;
 
 use crate::control::{self, ControlReply, ControlRequest, SnapshotView};
 use crate::records::{self, block_on, run_cli, status_error, user_error, MetaAddr};
+
+/// How long one replica may take to answer during a revert.
+const REVERT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[derive(Debug, Subcommand)]
 pub enum SnapshotCommand {
@@ -68,6 +74,18 @@ pub enum SnapshotCommand {
     /// Delete a snapshot of an attached volume: its layer merges into the next one on every
     /// replica (the volume's content is unchanged), then its record goes.
     Delete {
+        /// Volume name.
+        volume: String,
+        /// Snapshot name.
+        name: String,
+        #[command(flatten)]
+        meta: MetaAddr,
+    },
+    /// Make a detached volume's content that of one of its snapshots again: every write
+    /// since the snapshot is discarded (the snapshot and every other snapshot are kept).
+    /// Refused while the volume is attached, and when an RW replica cannot be reached (a
+    /// replica left behind would hold other data).
+    Revert {
         /// Volume name.
         volume: String,
         /// Snapshot name.
@@ -112,6 +130,7 @@ pub fn run(cmd: SnapshotCommand) -> anyhow::Result<ExitCode> {
         } => run_cli(|| create(&volume, &name, &labels, json, &meta)),
         SnapshotCommand::List { volume, json, meta } => run_cli(|| list(&volume, json, &meta)),
         SnapshotCommand::Delete { volume, name, meta } => run_cli(|| delete(&volume, &name, &meta)),
+        SnapshotCommand::Revert { volume, name, meta } => run_cli(|| revert(&volume, &name, &meta)),
     }
 }
 
@@ -460,6 +479,141 @@ fn delete(volume: &str, name: &str, meta: &MetaAddr) -> anyhow::Result<ExitCode>
     validate(volume, Some(name))?;
     block_on(delete_async(&meta.addr, volume, name))??;
     println!("snapshot {name} of {volume} deleted");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One replica a revert acts on.
+struct RevertTarget {
+    record: Replica,
+    link: Link,
+}
+
+async fn revert_async(addr: &str, volume: &str, name: &str) -> anyhow::Result<Vec<String>> {
+    let mut client = records::client(addr)?;
+    let mut v = volume_record(&mut client, addr, volume).await?;
+    if !v.attached_node.is_empty() {
+        return Err(user_error(format!(
+            "volume {volume} is attached to node {}; detach it before reverting (a revert \
+             discards every write since the snapshot)",
+            v.attached_node
+        )));
+    }
+    if let Some(r) = snapshot_record(&mut client, addr, name).await? {
+        if r.volume != volume {
+            return Err(user_error(format!(
+                "snapshot {name} belongs to volume {}, not {volume}",
+                r.volume
+            )));
+        }
+    }
+    // A new epoch, recorded before any replica is touched: an attach racing with this
+    // revert raises it again, and its engine's takeover then fences these connections.
+    v.epoch += 1;
+    let v = crate::volume::update_volume(&mut client, addr, v).await?;
+    let nodes = crate::volume_data::up_nodes(addr).await?;
+    let mut targets = Vec::new();
+    let mut skipped = Vec::new();
+    for r in records::list(addr, Kind::Replica, Some(volume), None).await? {
+        let record::Record::Replica(r) = r else {
+            continue;
+        };
+        if r.deleted || r.volume != volume {
+            continue;
+        }
+        let rw = r.mode == ReplicaMode::Rw as i32;
+        let reached = match nodes.get(&r.node).map(|n| n.address.parse::<SocketAddr>()) {
+            Some(Ok(a)) => tokio::time::timeout(
+                REVERT_TIMEOUT,
+                Link::connect(a, volume, &r.name, 0, v.epoch, true),
+            )
+            .await
+            .map_err(|_| "no answer".to_owned())
+            .and_then(|c| c.map_err(|e| e.to_string())),
+            _ => Err(format!("node {} is not up", r.node)),
+        };
+        let link = match reached {
+            Ok((link, _)) => link,
+            Err(e) if rw => {
+                return Err(user_error(format!(
+                    "cannot revert {volume}: RW replica {} is unreachable ({e}); nothing was \
+                     changed",
+                    r.name
+                )))
+            }
+            Err(e) => {
+                skipped.push(format!("{} ({e}; it is rebuilt when it returns)", r.name));
+                continue;
+            }
+        };
+        let holds =
+            match tokio::time::timeout(REVERT_TIMEOUT, link.submit(Request::SnapshotList)).await {
+                Ok(Ok(ReplyBody::Snapshots(l))) => l.iter().any(|s| s.name == name),
+                other => anyhow::bail!("replica {}: SnapshotList answered {other:?}", r.name),
+            };
+        if !holds {
+            if rw {
+                return Err(user_error(format!(
+                    "no snapshot {name} on replica {} of volume {volume}; nothing was changed",
+                    r.name
+                )));
+            }
+            skipped.push(format!(
+                "{} (lacks {name}; it is rebuilt at the next attach)",
+                r.name
+            ));
+            continue;
+        }
+        targets.push(RevertTarget { record: r, link });
+    }
+    if targets.is_empty() {
+        return Err(user_error(format!(
+            "volume {volume} has no replica to revert"
+        )));
+    }
+    let mut failed = Vec::new();
+    for t in &targets {
+        let req = Request::SnapshotRevert {
+            name: name.to_owned(),
+        };
+        match tokio::time::timeout(REVERT_TIMEOUT, t.link.submit(req)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => failed.push((t.record.clone(), e.to_string())),
+            Err(_) => failed.push((t.record.clone(), "no answer".into())),
+        }
+    }
+    if failed.len() == targets.len() {
+        let why: Vec<String> = failed
+            .iter()
+            .map(|(r, e)| format!("{}: {e}", r.name))
+            .collect();
+        anyhow::bail!("no replica reverted: {}", why.join("; "));
+    }
+    // A replica that did not revert holds other data than the rest: out until rebuilt.
+    for (mut r, e) in failed {
+        tracing::warn!(replica = %r.name, error = %e, "revert failed; marking the replica ERR");
+        skipped.push(format!(
+            "{} (revert failed: {e}; marked ERR, rebuilt at the next attach)",
+            r.name
+        ));
+        r.mode = ReplicaMode::Err as i32;
+        let rec = Record {
+            record: Some(record::Record::Replica(r)),
+        };
+        client
+            .update(UpdateRequest { record: Some(rec) })
+            .await
+            .map_err(|s| status_error(addr, &s))?;
+    }
+    Ok(skipped)
+}
+
+fn revert(volume: &str, name: &str, meta: &MetaAddr) -> anyhow::Result<ExitCode> {
+    validate(volume, Some(name))?;
+    let skipped = block_on(revert_async(&meta.addr, volume, name))??;
+    for s in &skipped {
+        eprintln!("warning: replica {s}");
+    }
+    println!("volume {volume} reverted to snapshot {name}");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -330,3 +330,84 @@ fn two_hundred_snapshots_on_one_volume() {
     assert_eq!(listed(&c).len() as u64, SNAPS - 4);
     c.stop();
 }
+
+#[test]
+fn revert_only_while_detached_and_only_with_every_rw_replica() {
+    if !enter_private_netns() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = ClusterOpts::new(3).start(&tmp.path().join("data"));
+    let mut rng = Rng::new(0x4e7);
+    let at_r1 = random_bytes(&mut rng, (16 * MIB) as usize);
+    write_vol0(0, &at_r1);
+    snap(&c, "r1", &[]);
+    let mut at_r2 = at_r1.clone();
+    let b = random_bytes(&mut rng, (4 * MIB) as usize);
+    at_r2[(2 * MIB) as usize..(6 * MIB) as usize].copy_from_slice(&b);
+    write_vol0(2 * MIB, &b);
+    snap(&c, "r2", &[]);
+    let mut now = at_r2.clone();
+    let head = random_bytes(&mut rng, (8 * MIB) as usize);
+    now[(4 * MIB) as usize..(12 * MIB) as usize].copy_from_slice(&head);
+    write_vol0(4 * MIB, &head);
+    // Writes beyond the data so far must be dropped by a revert too.
+    let tail = random_bytes(&mut rng, (2 * MIB) as usize);
+    write_vol0(20 * MIB, &tail);
+
+    refused(
+        &["snapshot", "revert", "vol0", "r1"],
+        "volume vol0 is attached to node node-1; detach it before reverting",
+    );
+    let mut expect = now.clone();
+    expect.resize((22 * MIB) as usize, 0);
+    expect[(20 * MIB) as usize..].copy_from_slice(&tail);
+    assert_vol0(&expect, "after the refused revert");
+
+    c.cli(&["volume", "detach", "vol0"]);
+    refused(&["snapshot", "revert", "vol0", "nope"], "no snapshot nope");
+    // An RW replica that cannot be reached: refused before anything changes.
+    let lock = c.kill_agent_and_hold("node-3");
+    refused(&["snapshot", "revert", "vol0", "r1"], "is unreachable");
+    drop(lock);
+    // The agent comes back (cairn dev restarts it); then the revert goes through.
+    let mut last = None;
+    wait_until(
+        "a revert once node-3's agent is back",
+        Duration::from_secs(60),
+        || {
+            let r = run_bounded(
+                Command::new(cairn_bin()).args(["snapshot", "revert", "vol0", "r1"]),
+                Duration::from_secs(60),
+            );
+            let ok = r.success();
+            last = Some(r);
+            ok
+        },
+    );
+    let out = last.expect("ran");
+    assert!(
+        out.stdout.contains("volume vol0 reverted to snapshot r1"),
+        "{out:?}"
+    );
+    c.cli(&["volume", "attach", "vol0", "--node", "node-1"]);
+    let mut want = at_r1.clone();
+    want.resize((22 * MIB) as usize, 0);
+    assert_vol0(&want, "after the revert to r1");
+    c.assert_verified("after the revert to r1");
+    assert_eq!(
+        names(&listed(&c)),
+        ["r1", "r2"],
+        "r2 is kept (on its own branch)"
+    );
+
+    // r2 is still there: reverting to it brings back its content.
+    c.cli(&["volume", "detach", "vol0"]);
+    c.cli(&["snapshot", "revert", "vol0", "r2"]);
+    c.cli(&["volume", "attach", "vol0", "--node", "node-1"]);
+    let mut want = at_r2.clone();
+    want.resize((22 * MIB) as usize, 0);
+    assert_vol0(&want, "after the revert to r2");
+    c.assert_verified("after the revert to r2");
+    c.stop();
+}
