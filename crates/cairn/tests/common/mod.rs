@@ -439,9 +439,12 @@ impl RawConn {
 mod cluster;
 mod nbd;
 mod nodes;
+mod s3;
 #[allow(unused_imports)] // Test binaries that start no cluster use neither.
 pub use cluster::*;
 #[allow(unused_imports)]
 pub use nbd::*;
 #[allow(unused_imports)]
 pub use nodes::*;
+#[allow(unused_imports)]
+pub use s3::*;
