@@ -86,7 +86,11 @@ impl S3Server {
                     .child
                     .as_mut()
                     .and_then(|c| c.try_wait().expect("wait s3s-fs"));
-                assert!(exited.is_none(), "s3s-fs exited: {exited:?}\n{}", self.log());
+                assert!(
+                    exited.is_none(),
+                    "s3s-fs exited: {exited:?}\n{}",
+                    self.log()
+                );
                 TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
             },
         );
