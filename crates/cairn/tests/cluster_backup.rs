@@ -5,8 +5,9 @@
 //! restored and verified, a delete that collects exactly the unreferenced blocks; a corrupt
 //! and a missing block object named by a failed restore that leaves no volume; the S3 server
 //! killed mid-backup (nothing listed, the retry succeeds); a snapshot taken under pipelined
-//! writes restored and checked against the acknowledged writes; clones of a volume taking
-//! writes, independent of it, and the refused clones.
+//! writes restored and checked against the acknowledged writes (exactly, block by block, and
+//! with fio's read verify on a second region); clones of a volume taking writes, independent
+//! of it, and the refused clones.
 
 #![allow(clippy::cast_possible_truncation)]
 
@@ -693,6 +694,43 @@ impl Writer {
     }
 }
 
+/// fio's region of vol0 in the snapshot test (after the writer's 32 MiB).
+const FIO_AT: u64 = 64 * MIB;
+const FIO_LEN: u64 = 32 * MIB;
+
+/// fio on `uri` over its region, 16 KiB blocks with crc32c verify headers, `rw` plus
+/// `extra`. A read job verifies each block on its own (header magic, offset, length and
+/// checksum), so it accepts a block written by any of the write passes.
+fn fio_args(uri: &str, rw: &str, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--name=cut",
+        "--ioengine=nbd",
+        "--bs=16k",
+        "--iodepth=8",
+        "--verify=crc32c",
+        "--verify_state_save=0",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    a.push(format!("--uri={uri}"));
+    a.push(format!("--rw={rw}"));
+    a.push(format!("--offset={FIO_AT}"));
+    a.push(format!("--size={FIO_LEN}"));
+    if rw != "read" {
+        // Writes only: the restored copy is what gets verified.
+        a.push("--do_verify=0".into());
+    }
+    a.extend(extra.iter().map(|s| (*s).to_owned()));
+    a
+}
+
+/// Runs fio with `args` to completion (bounded); it must exit 0.
+fn fio_ok(args: &[String]) -> Run {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    run_ok("fio", &args)
+}
+
 #[test]
 fn a_snapshot_under_pipelined_writes_restores_a_consistent_cut() {
     let tmp = tempfile::tempdir().unwrap();
@@ -701,6 +739,27 @@ fn a_snapshot_under_pipelined_writes_restores_a_consistent_cut() {
     };
     const BLOCKS: u64 = 8192; // 32 MiB
     let url = s3.url("cut");
+    // fio's region: a complete first pass with verify headers, then random overwrites
+    // (other headers) running across the snapshot. Every 16 KiB block of the restored copy
+    // must pass fio's read verify: intact, at its offset, from either pass.
+    let fio = have_tool("fio");
+    let fio_pass1 = if fio {
+        fio_ok(&fio_args(NBD_URI, "write", &[]));
+        read_volume(CLUSTER_NBD, "vol0", FIO_AT + FIO_LEN)[FIO_AT as usize..].to_vec()
+    } else {
+        println!("fio not installed: only the exact check runs");
+        Vec::new()
+    };
+    let fio_pass2 = fio.then(|| {
+        Proc::spawn(
+            Command::new("fio").args(fio_args(
+                NBD_URI,
+                "randwrite",
+                &["--time_based", "--runtime=300", "--randseed=7"],
+            )),
+            "fio randwrite pass",
+        )
+    });
     let w = Writer::start(BLOCKS, 0xc07);
     wait_until("2000 writes acknowledged", Duration::from_secs(60), || {
         w.acks() > 2000
@@ -710,6 +769,15 @@ fn a_snapshot_under_pipelined_writes_restores_a_consistent_cut() {
     c.cli(&["snapshot", "create", "vol0", "cut"]);
     let pause = t.elapsed();
     let after = w.track();
+    if let Some(mut p) = fio_pass2 {
+        assert!(
+            !p.exited(),
+            "fio's second pass ended before the snapshot was taken"
+        );
+        send_signal(p.pid(), libc::SIGINT);
+        let r = p.finish(Duration::from_secs(60));
+        assert!(r.status.is_some(), "fio did not stop on SIGINT: {r:?}");
+    }
     wait_until(
         "1000 more writes after the snapshot",
         Duration::from_secs(60),
@@ -747,6 +815,36 @@ fn a_snapshot_under_pipelined_writes_restores_a_consistent_cut() {
     );
     let addr = attach(&c, "cut-copy", "node-3");
     let got = read_volume(&addr, "cut-copy", 256 * MIB);
+    if fio {
+        let uri = format!("nbd://{addr}/cut-copy");
+        fio_ok(&fio_args(&uri, "read", &["--verify_fatal=1"]));
+        let pass2 = got[FIO_AT as usize..(FIO_AT + FIO_LEN) as usize]
+            .chunks_exact(16 << 10)
+            .zip(fio_pass1.chunks_exact(16 << 10))
+            .filter(|(a, b)| a != b)
+            .count();
+        println!(
+            "fio region of the cut: {pass2} of 2048 blocks from the second pass, all verified"
+        );
+        assert!(
+            pass2 > 0,
+            "no block of fio's second pass is in the snapshot"
+        );
+        // The control: a block swapped for its neighbour fails the same verify.
+        let at = (FIO_AT + 5 * (16 << 10)) as usize;
+        write_volume(
+            &addr,
+            "cut-copy",
+            at as u64,
+            &got[at + (16 << 10)..at + (32 << 10)],
+        );
+        let args = fio_args(&uri, "read", &["--verify_fatal=1"]);
+        let r = run_bounded(Command::new("fio").args(&args), CLI_LIMIT);
+        assert!(
+            r.status.is_some_and(|s| !s.success()) && r.stderr.contains("bad header offset"),
+            "fio read verify missed a misplaced block: {r:?}"
+        );
+    }
     c.cli(&["volume", "detach", "cut-copy"]);
     let (mut newer, mut zero, mut at_lower) = (0, 0, 0);
     for (i, blk) in got[..(BLOCKS * BS) as usize].chunks_exact(BSZ).enumerate() {
@@ -787,8 +885,9 @@ fn a_snapshot_under_pipelined_writes_restores_a_consistent_cut() {
         }
     }
     assert!(
-        all_zero(&got[(BLOCKS * BS) as usize..]),
-        "the restored copy has data beyond the written region"
+        all_zero(&got[(BLOCKS * BS) as usize..FIO_AT as usize])
+            && all_zero(&got[(FIO_AT + FIO_LEN) as usize..]),
+        "the restored copy has data outside the written regions"
     );
     println!(
         "restored cut: {at_lower} blocks at their last acknowledged write, {newer} newer (in flight), {zero} never written"
