@@ -898,9 +898,11 @@ fn a_snapshot_under_pipelined_writes_restores_a_consistent_cut() {
 #[test]
 fn clone_of_a_volume_taking_writes_and_refused_clones() {
     let tmp = tempfile::tempdir().unwrap();
-    let Some((_s3, c)) = setup(tmp.path(), "256MiB") else {
+    // No S3 target needed.
+    if !enter_private_netns() {
         return;
-    };
+    }
+    let c = ClusterOpts::new(3).start(&tmp.path().join("data"));
     let size = 256 * MIB;
     let mut rng = Rng::new(0xc1);
     let mut model = vec![0u8; size as usize];
