@@ -106,7 +106,11 @@ pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
 
 /// State letter of process `pid` from `/proc/PID/stat`, `None` when it is gone.
 pub fn proc_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_state(&format!("/proc/{pid}/stat"))
+}
+
+fn stat_state(path: &str) -> Option<char> {
+    let stat = std::fs::read_to_string(path).ok()?;
     stat.rsplit_once(')')?
         .1
         .split_whitespace()
@@ -115,9 +119,21 @@ pub fn proc_state(pid: u32) -> Option<char> {
         .next()
 }
 
-/// True while `pid` runs (or is stopped): not gone and not a zombie.
+fn exited(state: Option<char>) -> bool {
+    matches!(state, None | Some('Z' | 'X' | 'x'))
+}
+
+/// True while any thread of `pid` runs (or is stopped). A killed process whose leader is
+/// already a zombie still counts while other threads (io_uring workers, say) are exiting:
+/// they share its file table, so its files and locks are only released when the last goes.
 pub fn proc_alive(pid: u32) -> bool {
-    !matches!(proc_state(pid), None | Some('Z' | 'X' | 'x'))
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return !exited(proc_state(pid));
+    };
+    tasks.flatten().any(|task| {
+        let path = task.path().join("stat");
+        !exited(stat_state(&path.to_string_lossy()))
+    })
 }
 
 /// Process ids whose parent is `parent`.
