@@ -40,6 +40,7 @@
 //!    left alone until it is detached. Nothing else touches a DELETING volume.
 //! 3. **Replacement.** A non-deleted replica whose node is DOWN with a last
 //!    heartbeat older than node-down timeout + [`Settings::replica_replenish_wait`]
+//!    (the volume's `stale_replica_timeout_seconds` instead when non-zero)
 //!    is replaced, but only while the volume keeps another non-deleted RW
 //!    replica on an UP node (what might be the only good copy is never
 //!    thrown away) and only where [`crate::schedule::replace`] finds a node.
@@ -625,6 +626,16 @@ fn data_locality(plan: &mut VolumePlan<'_>, nodes: &[Node], spec: &VolumeSpec, i
     plan.writes.push(write);
 }
 
+/// How long, after the node-down timeout, a replica of `v` on a DOWN node is waited for:
+/// the volume's own `stale_replica_timeout_seconds` when set, else the cluster's
+/// [`Settings::replica_replenish_wait`].
+fn replenish_wait_ms(s: &Settings, v: &Volume) -> u64 {
+    match v.stale_replica_timeout_seconds {
+        0 => millis(s.replica_replenish_wait),
+        secs => secs.saturating_mul(1000),
+    }
+}
+
 /// The replacement controller's part of `plan`.
 fn replace_down(
     now_ms: u64,
@@ -634,7 +645,7 @@ fn replace_down(
     spec: &VolumeSpec,
     infos: &[NodeInfo],
 ) {
-    let wait_ms = millis(s.node_down_timeout).saturating_add(millis(s.replica_replenish_wait));
+    let wait_ms = millis(s.node_down_timeout).saturating_add(replenish_wait_ms(s, plan.v));
     let due: Vec<(usize, String)> = plan
         .reps
         .iter()
@@ -1019,6 +1030,54 @@ mod tests {
         ));
         assert_eq!(v.state, i32::from(VolumeState::Faulted));
         assert_eq!(v.state_reason, "no RW replica: vol-r1 on b ERR (io error)");
+    }
+
+    #[test]
+    fn volume_stale_replica_timeout_overrides_the_replenish_wait() {
+        let now = 100_000;
+        // Silent for 40 s: DOWN after 10 s, so 30 s into the wait.
+        let down = node("c", now - 40_000, NodeState::Down);
+        let nodes = [
+            node("a", now, NodeState::Up),
+            node("b", now, NodeState::Up),
+            down,
+        ];
+        let err = replica("vol-r1", "c", ReplicaMode::Err, ReplicaHealth::Failed);
+        let rw = replica("vol-r0", "a", ReplicaMode::Rw, ReplicaHealth::Healthy);
+        let reps = [rw, err];
+        let replaced = |v: &Volume, at: u64| {
+            reconcile_volume(at, &S, v, &nodes, &reps).is_some_and(|c| {
+                replica_puts(&puts(&c))
+                    .iter()
+                    .any(|(_, r)| r.name == "vol-r1" && r.deleted)
+            })
+        };
+        // The cluster default (60 s) has not passed: kept.
+        let default = volume(VolumeState::Degraded, 2);
+        assert_eq!(default.stale_replica_timeout_seconds, 0);
+        assert!(!replaced(&default, now));
+        assert!(replaced(&default, now + 31_000), "10 s + 60 s passed");
+        // 20 s of its own: replaced now (10 s + 20 s < 40 s), not at 29 s of silence.
+        let short = Volume {
+            stale_replica_timeout_seconds: 20,
+            ..default.clone()
+        };
+        assert!(replaced(&short, now));
+        assert!(
+            !replaced(&short, now - 11_000),
+            "silent 29 s, 30 s not passed"
+        );
+        // 3600 s of its own: kept long after the cluster default.
+        let long = Volume {
+            stale_replica_timeout_seconds: 3600,
+            ..default
+        };
+        assert!(!replaced(&long, now + 31_000));
+        assert!(
+            !replaced(&long, now + 3_569_000),
+            "exactly 10 s + 3600 s: not yet"
+        );
+        assert!(replaced(&long, now + 3_571_000));
     }
 
     #[test]

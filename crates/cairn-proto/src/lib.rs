@@ -22,8 +22,9 @@ mod validate;
 
 pub use record::{key_of, kind_of, name_of, validate_record, version_of, with_version};
 pub use validate::{
-    validate_name, validate_node_name, validate_volume_size, ValidationError, MAX_NAME_LEN,
-    MAX_NODE_NAME_LEN, MAX_VOLUME_SIZE, VOLUME_SIZE_ALIGN,
+    validate_name, validate_node_name, validate_stale_replica_timeout, validate_volume_size,
+    ValidationError, MAX_NAME_LEN, MAX_NODE_NAME_LEN, MAX_STALE_REPLICA_TIMEOUT_SECS,
+    MAX_VOLUME_SIZE, VOLUME_SIZE_ALIGN,
 };
 
 #[cfg(test)]

@@ -2,7 +2,10 @@
 //! meta applies before storing it.
 
 use crate::v1::{record::Record as R, Key, Kind, Record};
-use crate::validate::{validate_name, validate_node_name, validate_volume_size, ValidationError};
+use crate::validate::{
+    validate_name, validate_node_name, validate_stale_replica_timeout, validate_volume_size,
+    ValidationError,
+};
 
 /// The kind of `record`, or `None` when its `oneof` is empty.
 #[must_use]
@@ -89,6 +92,7 @@ pub fn validate_record(record: &Record) -> Result<(), ValidationError> {
             if v.replica_count == 0 {
                 return Err(ValidationError::ZeroReplicas);
             }
+            validate_stale_replica_timeout(v.stale_replica_timeout_seconds)?;
             if !v.attached_node.is_empty() {
                 validate_node_name("volume.attached_node", &v.attached_node)?;
             }
@@ -170,6 +174,7 @@ mod tests {
             epoch: 12,
             attached_node: "node1".into(),
             data_locality: DataLocality::BestEffort.into(),
+            stale_replica_timeout_seconds: 3600,
         };
         let replica = Replica {
             name: "vol0-r1".into(),
@@ -337,6 +342,13 @@ mod tests {
         assert_eq!(volume(&|v| v.attached_node = String::new()), Ok(()));
         assert!(volume(&|v| v.attached_node = "Node1".into()).is_err());
         assert!(volume(&|v| v.name = "vol_0".into()).is_err());
+        assert_eq!(volume(&|v| v.stale_replica_timeout_seconds = 0), Ok(()));
+        assert_eq!(
+            volume(&|v| v.stale_replica_timeout_seconds = crate::MAX_STALE_REPLICA_TIMEOUT_SECS + 1),
+            Err(ValidationError::StaleReplicaTimeoutTooLong {
+                seconds: crate::MAX_STALE_REPLICA_TIMEOUT_SECS + 1
+            })
+        );
 
         let mut backup = samples().swap_remove(5);
         let Some(R::Backup(b)) = backup.record.as_mut() else {

@@ -18,6 +18,10 @@ pub const MAX_NODE_NAME_LEN: usize = 253;
 pub const VOLUME_SIZE_ALIGN: u64 = 4096;
 /// Largest volume: `4096 * u32::MAX` bytes, so block numbers fit in a `u32`.
 pub const MAX_VOLUME_SIZE: u64 = VOLUME_SIZE_ALIGN * u32::MAX as u64;
+/// Longest per-volume stale replica timeout (`Volume.stale_replica_timeout_seconds`): one
+/// year. A longer wait is no wait at all for a replica on a dead node, and the bound keeps
+/// the controller's arithmetic in milliseconds far from overflow.
+pub const MAX_STALE_REPLICA_TIMEOUT_SECS: u64 = 365 * 24 * 3600;
 
 /// Why a request or record is invalid. Meta maps every variant to
 /// `INVALID_ARGUMENT` (see the `From` impl for [`tonic::Status`]).
@@ -89,6 +93,15 @@ pub enum ValidationError {
     /// A volume asking for no replicas.
     #[error("volume replica count is 0; a volume needs at least 1 replica")]
     ZeroReplicas,
+    /// A stale replica timeout above [`MAX_STALE_REPLICA_TIMEOUT_SECS`].
+    #[error(
+        "stale replica timeout {seconds}s exceeds the longest, \
+         {MAX_STALE_REPLICA_TIMEOUT_SECS}s (365 days); 0 means the cluster default"
+    )]
+    StaleReplicaTimeoutTooLong {
+        /// The timeout as given, in seconds.
+        seconds: u64,
+    },
     /// A `Record` with no kind set, or `KIND_UNSPECIFIED` where a kind is needed.
     #[error("{0}: no record kind given")]
     MissingKind(&'static str),
@@ -152,6 +165,19 @@ pub fn validate_volume_size(size: u64) -> Result<(), ValidationError> {
         Err(ValidationError::UnalignedSize { size })
     } else if size > MAX_VOLUME_SIZE {
         Err(ValidationError::SizeTooLarge { size })
+    } else {
+        Ok(())
+    }
+}
+
+/// Checks a volume's stale replica timeout in seconds: 0 (the cluster default) or at most
+/// [`MAX_STALE_REPLICA_TIMEOUT_SECS`].
+///
+/// # Errors
+/// [`ValidationError::StaleReplicaTimeoutTooLong`].
+pub fn validate_stale_replica_timeout(seconds: u64) -> Result<(), ValidationError> {
+    if seconds > MAX_STALE_REPLICA_TIMEOUT_SECS {
+        Err(ValidationError::StaleReplicaTimeoutTooLong { seconds })
     } else {
         Ok(())
     }
@@ -313,6 +339,19 @@ mod tests {
             })
         );
         assert!(validate_volume_size(u64::MAX).is_err());
+    }
+
+    #[test]
+    fn stale_replica_timeouts() {
+        assert_eq!(validate_stale_replica_timeout(0), Ok(()));
+        assert_eq!(validate_stale_replica_timeout(1), Ok(()));
+        assert_eq!(
+            validate_stale_replica_timeout(MAX_STALE_REPLICA_TIMEOUT_SECS),
+            Ok(())
+        );
+        let e = validate_stale_replica_timeout(MAX_STALE_REPLICA_TIMEOUT_SECS + 1).unwrap_err();
+        assert!(e.to_string().contains("365 days"), "{e}");
+        assert!(validate_stale_replica_timeout(u64::MAX).is_err());
     }
 
     /// The reference definition: a DNS-1123 label, written as plainly as possible.

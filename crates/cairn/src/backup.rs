@@ -272,6 +272,7 @@ pub fn run(cmd: BackupCommand) -> anyhow::Result<ExitCode> {
                     replicas,
                     data_locality: DataLocality::Disabled,
                     node,
+                    stale_replica_timeout: None,
                 },
                 concurrency,
             ))??;

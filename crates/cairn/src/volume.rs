@@ -54,6 +54,11 @@ pub enum VolumeCommand {
         /// the attaching node when it has room).
         #[arg(long, default_value = "disabled")]
         data_locality: DataLocality,
+        /// How long a replica on a down node is waited for (after the node-down timeout)
+        /// before it is replaced on another node and rebuilt, e.g. `30m` or `2h`: whole
+        /// seconds, 1s to 365 days. Default: the cluster's `--replica-replenish-wait`.
+        #[arg(long, value_name = "DURATION")]
+        stale_replica_timeout: Option<humantime::Duration>,
         #[command(flatten)]
         meta: MetaAddr,
     },
@@ -373,16 +378,37 @@ pub fn validate_new(name: &str, size: u64, replicas: u32) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// `Volume.stale_replica_timeout_seconds` for `--stale-replica-timeout`: 0 (the cluster
+/// default) for `None`, else whole seconds from 1 s to
+/// [`cairn_proto::MAX_STALE_REPLICA_TIMEOUT_SECS`]; anything else is a user error.
+pub fn stale_timeout_seconds(timeout: Option<std::time::Duration>) -> anyhow::Result<u64> {
+    let Some(t) = timeout else { return Ok(0) };
+    if t.subsec_nanos() != 0 || t.as_secs() == 0 {
+        return Err(user_error(format!(
+            "--stale-replica-timeout: {} is not a whole number of seconds of at least 1s \
+             (omit it for the cluster default)",
+            humantime::format_duration(t)
+        )));
+    }
+    cairn_proto::validate_stale_replica_timeout(t.as_secs())
+        .map_err(|e| user_error(format!("--stale-replica-timeout: {e}")))?;
+    Ok(t.as_secs())
+}
+
 /// Creates the volume record and waits (up to 5 s) until the scheduler placed it; prints a
 /// warning when it could not place every replica. Returns the record as then stored.
+/// `stale_replica_timeout`: how long a replica on a down node is waited for (after the
+/// node-down timeout) before it is replaced; `None` for the cluster default.
 pub async fn create_async(
     addr: &str,
     name: &str,
     size: u64,
     replicas: u32,
     data_locality: DataLocality,
+    stale_replica_timeout: Option<std::time::Duration>,
 ) -> anyhow::Result<Volume> {
     validate_new(name, size, replicas)?;
+    let stale_replica_timeout_seconds = stale_timeout_seconds(stale_replica_timeout)?;
     let rec = Record {
         record: Some(record::Record::Volume(Volume {
             name: name.to_owned(),
@@ -391,6 +417,7 @@ pub async fn create_async(
             state: VolumeState::Creating as i32,
             state_reason: "waiting for scheduling".into(),
             data_locality: data_locality as i32,
+            stale_replica_timeout_seconds,
             ..Default::default()
         })),
     };
@@ -429,15 +456,18 @@ fn create(
     size: u64,
     replicas: u32,
     data_locality: DataLocality,
+    stale_replica_timeout: Option<std::time::Duration>,
     meta: &MetaAddr,
 ) -> anyhow::Result<ExitCode> {
     validate_new(name, size, replicas)?;
+    stale_timeout_seconds(stale_replica_timeout)?;
     block_on(create_async(
         &meta.addr,
         name,
         size,
         replicas,
         data_locality,
+        stale_replica_timeout,
     ))??;
     println!("{name}");
     Ok(ExitCode::SUCCESS)
@@ -458,6 +488,7 @@ fn clone(
     cairn_proto::validate_name("volume name", src_vol).map_err(|e| user_error(e.to_string()))?;
     cairn_proto::validate_name("snapshot name", snap).map_err(|e| user_error(e.to_string()))?;
     validate_new(&spec.name, 4096, spec.replicas)?;
+    stale_timeout_seconds(spec.stale_replica_timeout)?;
     if concurrency == 0 {
         return Err(user_error("--concurrency must be at least 1"));
     }
@@ -831,6 +862,7 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
             concurrency,
             replicas,
             data_locality,
+            stale_replica_timeout,
             meta,
         } => run_cli(|| {
             let spec = NewVolume {
@@ -839,6 +871,7 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                 replicas,
                 data_locality,
                 node,
+                stale_replica_timeout: stale_replica_timeout.map(Into::into),
             };
             clone(&from, spec, concurrency, &meta)
         }),
@@ -848,11 +881,13 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
             from_snapshot: None,
             replicas,
             data_locality,
+            stale_replica_timeout,
             meta,
             ..
         } => run_cli(|| {
             let size = size.map_or(0, |s| s.as_u64());
-            create(&name, size, replicas, data_locality, &meta)
+            let stale = stale_replica_timeout.map(Into::into);
+            create(&name, size, replicas, data_locality, stale, &meta)
         }),
         VolumeCommand::List { json, meta } => run_cli(|| list(json, &meta)),
         VolumeCommand::Get { name, json, meta } => run_cli(|| {

@@ -274,6 +274,8 @@ pub struct NewVolume {
     pub data_locality: DataLocality,
     /// Node to attach it to while it is filled; `None`: a node holding one of its replicas.
     pub node: Option<String>,
+    /// See `Volume.stale_replica_timeout_seconds`; `None` for the cluster default.
+    pub stale_replica_timeout: Option<Duration>,
 }
 
 /// The node to fill `v` through: `wanted`, or an up node holding one of its replicas
@@ -311,6 +313,7 @@ where
         spec.size,
         spec.replicas,
         spec.data_locality,
+        spec.stale_replica_timeout,
     )
     .await?;
     let filled =
