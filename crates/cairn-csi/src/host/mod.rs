@@ -1,0 +1,24 @@
+//! What a node does to a volume, below the CSI Node service.
+//!
+//! - [`mount`]: probe, format (ext4, xfs), check, mount, bind (directory, file or device
+//!   node), read-only bind, unmount, statistics and online growth of filesystems.
+//! - [`loopdev`]: loop devices over files (attach, find by backing file, refresh the size,
+//!   detach).
+//! - [`mountinfo`]: `/proc/self/mountinfo`, parsed (mount points, devices, options).
+//! - [`nbd_netlink`]: kernel NBD devices configured over generic netlink.
+//!
+//! Every function here is synchronous and may block for seconds (it runs `mkfs`, `e2fsck`,
+//! `mount`, `losetup` and waits for them): async callers run it in
+//! `tokio::task::spawn_blocking`. Failures are [`HostError`]s naming the command or system
+//! call, its status and its standard error. Everything assumes Linux and root.
+
+mod cmd;
+mod error;
+pub mod loopdev;
+pub mod mount;
+pub mod mountinfo;
+pub mod nbd_netlink;
+mod wait;
+
+pub use cmd::have_tool;
+pub use error::{HostError, Result};
