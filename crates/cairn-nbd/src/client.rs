@@ -209,6 +209,20 @@ impl NbdClient {
         })
     }
 
+    /// Connects and negotiates like [`NbdClient::connect`] (simple replies only), then hands
+    /// back the socket in transmission phase with the export's size and transmission flags,
+    /// for a kernel NBD device to take over (`NBD_CMD_CONNECT` / `NBD_CMD_RECONFIGURE`).
+    /// Nothing past the server's last handshake reply has been read from it.
+    pub async fn handshake_only(
+        addr: SocketAddr,
+        export: &str,
+    ) -> Result<(TcpStream, u64, u16), NbdClientError> {
+        let mut sock = TcpStream::connect(addr).await?;
+        sock.set_nodelay(true)?;
+        let (size, flags) = handshake(&mut sock, export).await?;
+        Ok((sock, size, flags))
+    }
+
     /// Export size in bytes.
     pub fn size(&self) -> u64 {
         self.size

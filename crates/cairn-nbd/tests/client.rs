@@ -412,3 +412,46 @@ async fn nbdkit_memory_roundtrip() {
     bounded("nbdkit disconnect", c.disconnect()).await.unwrap();
     child.kill().await.unwrap();
 }
+
+/// `handshake_only` leaves the socket at the first transmission byte, as the kernel NBD
+/// driver needs it: a raw simple-reply READ sent on it gets the device's bytes back.
+#[tokio::test]
+async fn handshake_only_hands_over_a_socket_in_transmission() {
+    let dev = Arc::new(TestDev::new(SIZE));
+    let (addr, _srv) = start(Arc::clone(&dev)).await;
+    let c = NbdClient::connect(addr, "disk").await.unwrap();
+    let data = pseudo_random(8192, 5);
+    c.write(MIB, Bytes::from(data.clone())).await.unwrap();
+    c.flush().await.unwrap();
+
+    let (mut sock, size, flags) = bounded("handshake", NbdClient::handshake_only(addr, "disk"))
+        .await
+        .unwrap();
+    assert_eq!(size, SIZE);
+    assert_eq!(flags, c.flags());
+    // NBD_CMD_READ (0), cookie 7, offset 1 MiB, 8 KiB.
+    let mut req = Vec::with_capacity(28);
+    req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+    req.extend_from_slice(&0u16.to_be_bytes());
+    req.extend_from_slice(&0u16.to_be_bytes());
+    req.extend_from_slice(&7u64.to_be_bytes());
+    req.extend_from_slice(&MIB.to_be_bytes());
+    req.extend_from_slice(&8192u32.to_be_bytes());
+    sock.write_all(&req).await.unwrap();
+    let mut header = [0u8; 16];
+    bounded("reply header", sock.read_exact(&mut header))
+        .await
+        .unwrap();
+    assert_eq!(
+        header[..4],
+        0x6744_6698u32.to_be_bytes(),
+        "simple reply magic"
+    );
+    assert_eq!(header[4..8], [0, 0, 0, 0], "no error");
+    assert_eq!(header[8..], 7u64.to_be_bytes(), "cookie");
+    let mut got = vec![0u8; 8192];
+    bounded("reply data", sock.read_exact(&mut got))
+        .await
+        .unwrap();
+    assert!(got == data, "the bytes written through the client");
+}
