@@ -9,9 +9,16 @@
 #    kubernetes-validate CLI would only warn), except the CRD kinds in CRD_SCHEMAS below, which
 #    are checked against a schema transcribed from their upstream CRD.
 # 2. The output of `kubectl kustomize deploy/` (when kubectl is on PATH), the same way.
-# 3. Policy: images pinned (a tag other than latest, or a digest); resource requests on every
+# 3. Every ```yaml block of docs/kubernetes.md, the same way as 1 (so every block is a whole
+#    manifest). A block whose first line is `# From deploy/examples/X.yaml` must hold only
+#    documents that X holds, so the page and the files cannot drift apart.
+# 4. Policy: images pinned (a tag other than latest, or a digest); resource requests on every
 #    container; the CSI socket the plugin serves is the one every sidecar dials; the kubelet
-#    root agrees across the node DaemonSet; names agree (driver, ServiceAccounts, roles, Secret).
+#    root agrees across the node DaemonSet; names agree (driver, ServiceAccounts, roles, Secret,
+#    and every storageClassName / volumeSnapshotClassName of the docs and deploy/examples is a
+#    class defined under deploy/); every StorageClass parameter key of deploy/ and the docs is a
+#    row of the parameter table in docs/kubernetes.md (or a csi.storage.k8s.io/ key the
+#    sidecars read), with a value the driver accepts.
 # Needs network only to install kubernetes-validate the first time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,6 +63,42 @@ def err(where, msg):
 # Kubernetes' own ObjectMeta schema.
 OBJECT_META = {"$ref": "/api/_definitions.json#/$defs/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"}
 CRD_SCHEMAS = {
+    # VolumeSnapshot, from snapshot.storage.k8s.io_volumesnapshots.yaml (v1): spec.source
+    # required, with exactly one of persistentVolumeClaimName (a new snapshot of a claim) and
+    # volumeSnapshotContentName (a pre-provisioned content); volumeSnapshotClassName optional.
+    ("snapshot.storage.k8s.io/v1", "VolumeSnapshot"): {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://kubernetes.io/api/volumesnapshot-snapshot-v1.json",
+        "type": "object",
+        "required": ["apiVersion", "kind", "spec"],
+        "additionalProperties": False,
+        "properties": {
+            "apiVersion": {"const": "snapshot.storage.k8s.io/v1"},
+            "kind": {"const": "VolumeSnapshot"},
+            "metadata": OBJECT_META,
+            "spec": {
+                "type": "object",
+                "required": ["source"],
+                "additionalProperties": False,
+                "properties": {
+                    "volumeSnapshotClassName": {"type": "string"},
+                    "source": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "persistentVolumeClaimName": {"type": "string"},
+                            "volumeSnapshotContentName": {"type": "string"},
+                        },
+                        "oneOf": [
+                            {"required": ["persistentVolumeClaimName"]},
+                            {"required": ["volumeSnapshotContentName"]},
+                        ],
+                    },
+                },
+            },
+            "status": {"type": "object"},
+        },
+    },
     ("snapshot.storage.k8s.io/v1", "VolumeSnapshotClass"): {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://kubernetes.io/api/volumesnapshotclass-snapshot-v1.json",
@@ -119,6 +162,47 @@ if os.environ.get("RENDERED"):
     for doc in rendered_docs:
         check_schema("kubectl kustomize deploy/", doc)
 
+# --- docs/kubernetes.md: every ```yaml block is a manifest ----------------------------------
+DOC = "docs/kubernetes.md"
+doc_text = open(DOC).read()
+doc_docs = []  # (where, doc) of the page's yaml blocks
+blocks = 0
+in_block, start, buf = False, 0, []
+for no, line in enumerate(doc_text.splitlines(), 1):
+    if not in_block and line.strip() == "```yaml":
+        in_block, start, buf = True, no + 1, []
+    elif in_block and line.strip() == "```":
+        in_block = False
+        blocks += 1
+        where = f"{DOC}:{start}"
+        try:
+            docs = load(None, "\n".join(buf))
+        except yaml.YAMLError as e:
+            err(where, f"yaml block does not parse: {e}")
+            continue
+        if not docs:
+            err(where, "empty yaml block")
+        for doc in docs:
+            if not isinstance(doc, dict) or "kind" not in doc or "apiVersion" not in doc:
+                err(where, "a yaml block must hold whole manifests (apiVersion, kind)")
+                continue
+            check_schema(where, doc)
+            doc_docs.append((where, doc))
+        m = re.match(r"#\s*From (deploy/\S+\.yaml)\s*$", buf[0]) if buf else None
+        if m:
+            if not os.path.exists(m.group(1)):
+                err(where, f"quotes {m.group(1)}, which does not exist")
+            else:
+                theirs = load(m.group(1))
+                for doc in docs:
+                    if doc not in theirs:
+                        err(where, f"{doc.get('kind')}/{(doc.get('metadata') or {}).get('name')} "
+                                   f"differs from every document of {m.group(1)}")
+    elif in_block:
+        buf.append(line)
+if in_block:
+    err(f"{DOC}:{start}", "unterminated yaml block")
+
 # --- policy -------------------------------------------------------------------------------
 def pod_specs(doc):
     spec = doc.get("spec") or {}
@@ -161,7 +245,7 @@ for f, doc in all_docs:
 configmaps = {n: d for n, (_, d) in by_kind.get("ConfigMap", {}).items()}
 
 images = 0
-for f, doc in all_docs:
+for f, doc in all_docs + doc_docs:
     for ps in pod_specs(doc):
         where = f"{f} {doc['kind']}/{doc['metadata']['name']}"
         cs = ps.get("initContainers", []) + ps["containers"]
@@ -236,9 +320,6 @@ for f, doc in all_docs:
 
 # Names that must agree across files.
 drivers = set(by_kind.get("CSIDriver", {}))
-for n, (f, d) in by_kind.get("StorageClass", {}).items():
-    if d["provisioner"] not in drivers:
-        err(f, f"StorageClass {n}: provisioner {d['provisioner']} is no CSIDriver here")
 for n, (f, d) in by_kind.get("VolumeSnapshotClass", {}).items():
     if d["driver"] not in drivers:
         err(f, f"VolumeSnapshotClass {n}: driver {d['driver']} is no CSIDriver here")
@@ -250,6 +331,86 @@ for n, (f, d) in by_kind.get("VolumeSnapshotClass", {}).items():
                       for _, (_, ro) in by_kind.get("Role", {}).items() for r in ro["rules"])
         if not role_ok:
             err(f, f"VolumeSnapshotClass {n}: no Role grants get on Secret {secret}")
+def secret_readable(secret, namespace):
+    """Whether Secret `secret` is defined under deploy/ and a Role there grants get on it."""
+    defined = any(d["metadata"].get("namespace") == namespace
+                  for f, d in all_docs if d["kind"] == "Secret" and d["metadata"]["name"] == secret)
+    role = any(ro["metadata"].get("namespace") == namespace and r.get("resources") == ["secrets"]
+               and secret in r.get("resourceNames", []) and "get" in r.get("verbs", [])
+               for f, ro in all_docs if ro["kind"] == "Role" for r in ro["rules"])
+    return defined, role
+
+# StorageClass parameters: the keys the table of docs/kubernetes.md lists, values as the driver
+# parses them (crates/cairn/src/csi/mod.rs, Params::parse).
+section = re.search(r"^## StorageClass parameters\n(.*?)^## ", doc_text, re.S | re.M)
+table_keys = set()
+if section is None:
+    err(DOC, "no '## StorageClass parameters' section")
+else:
+    for row in re.findall(r"^\|\s*`([^`]+)`\s*\|", section.group(1), re.M):
+        table_keys.add(row)
+    if not table_keys:
+        err(DOC, "the StorageClass parameters section has no table rows")
+SIDECAR_KEYS = {f"csi.storage.k8s.io/{op}-secret-{x}"
+                for op in ("provisioner", "controller-publish", "node-stage", "node-publish",
+                           "controller-expand", "node-expand")
+                for x in ("name", "namespace")}
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+PARAM_VALUES = {
+    "numberOfReplicas": lambda v: v.isdigit() and 1 <= int(v) <= 16,
+    "dataLocality": lambda v: v in ("disabled", "best-effort"),
+    "staleReplicaTimeout": lambda v: bool(re.fullmatch(r"[0-9]+|([0-9]+\s*[a-z]+\s*)+", v)),
+    "fromBackup": lambda v: bool(DNS_LABEL.match(v)),
+    "backupTarget": lambda v: bool(re.match(r"^(s3://[^/]+(/.*)?|file:///.*)$", v)),
+    "csi.storage.k8s.io/fstype": lambda v: v in ("ext4", "xfs"),
+}
+for where, d in [(f, d) for f, d in all_docs] + doc_docs:
+    if d["kind"] == "StorageClass":
+        n = d["metadata"]["name"]
+        if d["provisioner"] not in drivers:
+            err(where, f"StorageClass {n}: provisioner {d['provisioner']} is no CSIDriver here")
+        params = d.get("parameters") or {}
+        for k, v in params.items():
+            if k not in table_keys and k not in SIDECAR_KEYS:
+                err(where, f"StorageClass {n}: parameter {k} is not in the table of {DOC}")
+            elif k in PARAM_VALUES and not PARAM_VALUES[k](str(v)):
+                err(where, f"StorageClass {n}: {k}: {v!r} is not a value the driver accepts")
+        secret = params.get("csi.storage.k8s.io/provisioner-secret-name")
+        if secret:
+            ns = params.get("csi.storage.k8s.io/provisioner-secret-namespace")
+            defined, role = secret_readable(secret, ns)
+            if not defined:
+                err(where, f"StorageClass {n}: Secret {ns}/{secret} is not defined under deploy/")
+            if not role:
+                err(where, f"StorageClass {n}: no Role in {ns} grants get on Secret {secret}")
+    if d["kind"] == "VolumeSnapshotClass":
+        p = d.get("parameters") or {}
+        t = p.get("type", "snap")
+        if t not in ("snap", "backup"):
+            err(where, f"VolumeSnapshotClass {d['metadata']['name']}: type {t!r} is not snap or backup")
+        elif t == "backup" and not re.match(r"^(s3://[^/]+(/.*)?|file:///.*)$", p.get("target", "")):
+            err(where, f"VolumeSnapshotClass {d['metadata']['name']}: type backup needs "
+                       f"target s3://bucket/prefix or file:///dir")
+
+# Class names used by the docs and the examples must be classes deploy/ defines.
+classes = {"storageClassName": set(by_kind.get("StorageClass", {})),
+           "volumeSnapshotClassName": set(by_kind.get("VolumeSnapshotClass", {}))}
+def class_refs(node):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k in classes and isinstance(v, str):
+                yield k, v
+            else:
+                yield from class_refs(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from class_refs(v)
+uses = doc_docs + [(f, d) for f, d in all_docs if f.startswith("deploy/examples/")]
+for where, d in uses:
+    for k, v in class_refs(d):
+        if v not in classes[k]:
+            err(where, f"{d['kind']}/{d['metadata'].get('name')}: {k} {v} is not defined under deploy/")
+
 for kind in ("ClusterRoleBinding", "RoleBinding"):
     for n, (f, d) in by_kind.get(kind, {}).items():
         if d["roleRef"]["name"] not in by_kind.get(d["roleRef"]["kind"], {}):
@@ -261,9 +422,10 @@ for kind in ("ClusterRoleBinding", "RoleBinding"):
 print(f"\nkubernetes-validate {kubernetes_validate.__version__}, Kubernetes {', '.join(versions)} "
       f"(strict): {len(files)} files, {len(all_docs)} documents"
       + (f", {len(rendered_docs)} rendered by kustomize" if rendered_docs else "")
+      + f"; {DOC}: {blocks} yaml blocks, {len(doc_docs)} documents"
       + f"; {len(CRD_SCHEMAS)} CRD kind(s) checked with a transcribed schema; {images} containers")
 if errors:
     print(f"FAILED: {len(errors)} error(s)")
     sys.exit(1)
-print("deploy/: all manifests valid")
+print(f"deploy/ and {DOC}: all manifests valid")
 PY
