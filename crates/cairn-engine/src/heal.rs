@@ -345,7 +345,7 @@ impl Engine {
                 addr,
                 &self.cfg.volume,
                 &slot.id,
-                self.cfg.size,
+                self.current_size(),
                 self.cfg.epoch,
                 true,
             ),
@@ -358,11 +358,20 @@ impl Engine {
             }
         }
         let (link, status) = attached.map_err(HealError::Target)?;
-        if status.size != self.cfg.size {
+        let size = self.current_size();
+        if status.size > size {
             return Err(HealError::Other(format!(
-                "replica has size {}, volume has {}",
-                status.size, self.cfg.size
+                "replica has size {}, volume has {size}",
+                status.size
             )));
+        }
+        if status.size < size {
+            // It missed a grow while out: grow it first (new space reads as zeros; what it
+            // missed there is in the outage log or found by the rebuild). A grow that lands
+            // later is sent again when it turns WO (`grow::grow_queued`).
+            crate::grow::grow_link(&link, size, self.cfg.io_timeout)
+                .await
+                .map_err(HealError::Target)?;
         }
         let link = Arc::new(link);
         *lock(&slot.link) = Some(link.clone());
@@ -501,23 +510,33 @@ impl Engine {
 
     /// Turns the target WO, taking its outage log in the same step: every write queued
     /// after this reaches the target, every earlier one is in the log or on the source.
-    async fn enter_wo(&self, i: usize) -> Option<crate::outage::OutageLog> {
-        let log = {
+    /// Also queues a Grow to the current size ahead of those writes (see
+    /// [`Engine::grow_queued`]); the caller awaits it.
+    async fn enter_wo(
+        &self,
+        i: usize,
+    ) -> (
+        Option<crate::outage::OutageLog>,
+        impl std::future::Future<Output = Result<ReplyBody, LinkError>>,
+    ) {
+        let (log, grown) = {
             let _g = self.submit.lock().await;
             let mut o = lock(&self.outages);
             let log = o.take(i);
             lock(&self.set).set_mode(i, Mode::Wo);
-            log
+            (log, self.grow_queued(i))
         };
         self.persist().await;
-        log
+        (log, grown)
     }
 
     async fn resync(&self, job: &Arc<Job>) -> Result<(), HealError> {
-        let Some(log) = self.enter_wo(job.target).await else {
+        let (log, grown) = self.enter_wo(job.target).await;
+        crate::grow::grown(self.answer(grown).await).map_err(HealError::Target)?;
+        let Some(log) = log else {
             return Err(HealError::Other("the outage log expired".into()));
         };
-        let ranges = log.ranges(self.cfg.size);
+        let ranges = log.ranges(self.current_size());
         self.set_phase(job, "head");
         let chunks = split_ranges(&ranges);
         self.add_total(job, chunks.iter().map(|c| c.1).sum());
@@ -568,16 +587,18 @@ impl Engine {
                 .map_err(HealError::Target)?;
         }
         // The head: from here on the target takes every client write.
-        let (src_f, tgt_f) = {
+        let (grown, src_f, tgt_f) = {
             let _g = self.submit.lock().await;
             drop(lock(&self.outages).take(tgt));
             lock(&self.set).set_mode(tgt, Mode::Wo);
             (
+                self.grow_queued(tgt),
                 self.list_queued(src, &LayerRef::Head),
                 self.list_queued(tgt, &LayerRef::Head),
             )
         };
         self.persist().await;
+        crate::grow::grown(self.answer(grown).await).map_err(HealError::Target)?;
         self.set_phase(job, "head");
         let src_ext = Self::collect_list(self, src_f)
             .await
@@ -675,8 +696,9 @@ impl Engine {
     ) -> Vec<impl std::future::Future<Output = Result<ReplyBody, LinkError>> + Send + 'static> {
         let mut out = Vec::new();
         let mut at = 0;
-        while at < self.cfg.size {
-            let len = LIST_SLICE.min(self.cfg.size - at);
+        let size = self.current_size();
+        while at < size {
+            let len = LIST_SLICE.min(size - at);
             out.push(self.send(
                 i,
                 Request::ListExtents {

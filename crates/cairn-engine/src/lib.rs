@@ -17,9 +17,13 @@
 //! - A replica that left the set comes back by itself (when healing is on): a partial
 //!   resync from the engine's outage log if it returns within the resync window with the
 //!   same identity and chain, else a full rebuild (see [`heal`] and docs/rebuild.md).
+//! - The volume grows online ([`Engine::grow`], see [`grow`]): no request past the old end
+//!   is accepted before every replica that takes writes has grown; a replica that does not
+//!   grow goes to ERR; a replica found smaller than the volume is grown before it serves.
 //!
 //! The decisions are in [`set`] (no I/O); this file carries them out.
 
+mod grow;
 mod heal;
 mod link;
 mod outage;
@@ -35,6 +39,7 @@ use cairn_blockdev::{check_range, BlockDevice, DevError};
 use cairn_wire::{ErrorKind, LayerRef, ReplyBody, Request};
 use serde::Serialize;
 
+pub use grow::{grow_step, GrowError, GrowStep};
 use heal::{HealState, Identity, Tracker};
 pub use heal::{JobKind, JobState, JobStatus};
 pub use link::{Link, LinkError};
@@ -101,6 +106,7 @@ impl Default for HealConfig {
 #[derive(Clone)]
 pub struct EngineConfig {
     pub volume: String,
+    /// Size at start; [`Engine::grow`] raises it later ([`BlockDevice::size`] is current).
     pub size: u64,
     /// This engine's epoch: higher than any earlier engine's for the volume.
     pub epoch: u64,
@@ -213,6 +219,9 @@ impl Slot {
 /// per-slot mutexes are only held briefly and never across another of these.
 pub struct Engine {
     cfg: EngineConfig,
+    /// The volume's size now: `cfg.size` at start, raised by [`Engine::grow`] (under the
+    /// submit lock, once every write target has grown).
+    size: AtomicU64,
     slots: RwLock<Vec<Arc<Slot>>>,
     set: Mutex<ReplicaSet>,
     /// Held while a request is queued to every target, so overlapping requests keep one
@@ -285,6 +294,8 @@ impl Engine {
         let mut slots = Vec::new();
         let mut modes = Vec::new();
         let mut statuses = Vec::new();
+        // The volume grew while no engine ran (or a grow missed a replica): a smaller replica
+        // is grown here, fenced by this engine's epoch, before it serves anything.
         for spec in &cfg.replicas {
             let slot = Slot::new(spec.id.clone(), spec.addr);
             let mut mode = if spec.mode == Mode::Wo {
@@ -299,12 +310,21 @@ impl Engine {
                 )
                 .await
                 .unwrap_or(Err(LinkError::Timeout));
+                let attached = match attached {
+                    Ok((link, status)) if status.size < cfg.size => {
+                        grow::grow_link(&link, cfg.size, cfg.io_timeout)
+                            .await
+                            .map(|()| (link, cfg.size, status))
+                    }
+                    Ok((link, status)) => Ok((link, status.size, status)),
+                    Err(e) => Err(e),
+                };
                 match attached {
-                    Ok((link, status)) if status.size == cfg.size => {
+                    Ok((link, size, status)) if size == cfg.size => {
                         *lock(&slot.link) = Some(Arc::new(link));
                         statuses.push((slots.len(), status));
                     }
-                    Ok((_, status)) => {
+                    Ok((_, _, status)) => {
                         *lock(&slot.last_error) = Some(format!(
                             "replica has size {}, volume has {}",
                             status.size, cfg.size
@@ -330,6 +350,7 @@ impl Engine {
         let changed = any_rw && modes.iter().zip(&cfg.replicas).any(|(m, s)| *m != s.mode);
         let engine = Arc::new(Engine {
             set: Mutex::new(ReplicaSet::new(modes, None)),
+            size: AtomicU64::new(cfg.size),
             slots: RwLock::new(slots),
             submit: tokio::sync::Mutex::new(()),
             outages: Mutex::new(Outages::default()),
@@ -501,10 +522,11 @@ impl Engine {
         tracing::info!(regions = regions.len(), source = %self.slot(source).id, "resyncing dirty regions after restart");
         for r in regions {
             let offset = r * region_size;
-            if offset >= self.cfg.size {
+            let size = self.size.load(Ordering::Acquire);
+            if offset >= size {
                 continue;
             }
-            let len = region_size.min(self.cfg.size - offset);
+            let len = region_size.min(size - offset);
             for &t in targets {
                 if lock(&self.set).mode(t) != Mode::Rw {
                     continue;
@@ -539,7 +561,7 @@ impl Engine {
         };
         VolumeStatus {
             volume: self.cfg.volume.clone(),
-            size: self.cfg.size,
+            size: self.size.load(Ordering::Acquire),
             epoch: self.cfg.epoch,
             replicas: self
                 .slots()
@@ -1111,7 +1133,7 @@ impl Engine {
     }
 
     fn check(&self, offset: u64, len: u64) -> Result<(), DevError> {
-        check_range(offset, len, self.cfg.size, 4096)
+        check_range(offset, len, self.size.load(Ordering::Acquire), 4096)
     }
 
     /// Allocated extents of one slice, from the first RW replica that answers.
@@ -1188,8 +1210,9 @@ fn id_is_valid(id: &str) -> bool {
 }
 
 impl BlockDevice for Engine {
+    /// The current size: new NBD connections sample it at their handshake.
     fn size(&self) -> u64 {
-        self.cfg.size
+        self.size.load(Ordering::Acquire)
     }
 
     fn max_io(&self) -> u32 {
