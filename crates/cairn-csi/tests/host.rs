@@ -11,6 +11,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use cairn_csi::host::attach::{AttachConfig, AttachMode, Attacher, DetachOutcome};
 use cairn_csi::host::loopdev::{self, LoopOptions};
 use cairn_csi::host::mount::{
     self, FormatOutcome, FsType, FsckOutcome, MountOutcome, Probe, UnmountOutcome,
@@ -433,6 +434,358 @@ fn xfs_format_mount_and_grow() {
 fn probe_of_a_missing_device_is_an_error_not_blank() {
     let err = mount::probe(Path::new("/dev/cairn-no-such-device")).unwrap_err();
     assert!(matches!(err, HostError::Io { op: "open", .. }), "{err}");
+}
+
+/// `nbdkit memory SIZE` on a free loopback port, killed and reaped on drop.
+struct NbdKit {
+    child: std::process::Child,
+    uri: String,
+}
+
+impl NbdKit {
+    fn start(dir: &Path, size: &str) -> NbdKit {
+        // A free port, then nbdkit on it; retried if someone takes the port in between.
+        for attempt in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let pidfile = dir.join(format!("nbdkit-{attempt}.pid"));
+            let mut child = std::process::Command::new("nbdkit")
+                .args(["-f", "--exit-with-parent", "-i", "127.0.0.1", "-p"])
+                .arg(port.to_string())
+                .arg("-P")
+                .arg(&pidfile)
+                .args(["memory", size])
+                .stdin(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            let mut pause = Duration::from_millis(2);
+            loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    eprintln!("nbdkit on port {port} exited ({status}); retrying");
+                    break;
+                }
+                if std::fs::metadata(&pidfile).is_ok_and(|m| m.len() > 0) {
+                    return NbdKit {
+                        child,
+                        uri: format!("nbd://127.0.0.1:{port}/"),
+                    };
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "nbdkit not ready after 20 s"
+                );
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+        }
+        panic!("nbdkit did not start");
+    }
+}
+
+impl Drop for NbdKit {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Detaches every volume an attacher knows on drop (unmount guards drop before it).
+struct DetachAll<'a>(&'a Attacher);
+
+impl Drop for DetachAll<'_> {
+    fn drop(&mut self) {
+        for st in self.0.list().unwrap_or_default() {
+            if let Some(dev) = &st.device {
+                for mp in mount::mount_points_of(dev).unwrap_or_default() {
+                    let _ = mount::unmount(&mp);
+                }
+            }
+            if let Err(e) = self.0.detach(&st.volume_id) {
+                eprintln!("cleanup: detach {}: {e}", st.volume_id);
+            }
+        }
+    }
+}
+
+fn nbdfuse_pid(attacher: &Attacher, volume: &str) -> u32 {
+    let pidfile = attacher.state_dir().join(volume).join("nbdfuse.pid");
+    std::fs::read_to_string(pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Live and not a zombie.
+fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            let state = s
+                .rsplit_once(')')
+                .map(|(_, r)| r.trim_start().chars().next());
+            !matches!(state, Some(Some('Z' | 'X')))
+        })
+        .unwrap_or(false)
+}
+
+fn o_direct_write(dev: &Path, offset: u64, data: &[u8]) {
+    let mut buf = AlignedBuf::new(data.len());
+    buf.as_mut().copy_from_slice(data);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dev)
+        .unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.write_all(buf.as_ref()).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn o_direct_read(dev: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = AlignedBuf::new(len);
+    let mut f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dev)
+        .unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.read_exact(buf.as_mut()).unwrap();
+    buf.as_ref().to_vec()
+}
+
+#[test]
+fn nbdfuse_attach_is_idempotent_survives_restart_and_detaches() {
+    if !can_run(
+        "nbdfuse_attach_is_idempotent_survives_restart_and_detaches",
+        &["nbdkit", "nbdfuse", "fusermount3", "losetup", "nbdcopy"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = NbdKit::start(dir.path(), "64M");
+    let mut cfg = AttachConfig::new(dir.path().join("state"));
+    cfg.ready_timeout = Duration::from_secs(20);
+    cfg.detach_timeout = Duration::from_secs(20);
+    let attacher = Attacher::with_config(cfg.clone()).unwrap();
+    let _cleanup = DetachAll(&attacher);
+
+    // Attach: a block device of the export's size.
+    let a = attacher
+        .attach("vol-a", &server.uri, AttachMode::Fuse, false)
+        .unwrap();
+    assert_eq!(a.mode, AttachMode::Fuse);
+    assert!(a.device.to_string_lossy().starts_with("/dev/loop"), "{a:?}");
+    assert_eq!(mount::block_device_size(&a.device).unwrap(), 64 * MIB);
+    let pid = nbdfuse_pid(&attacher, "vol-a");
+    assert!(process_alive(pid));
+    // nbdfuse runs in its own session.
+    // SAFETY: getsid has no memory effects.
+    let sid = unsafe { libc::getsid(i32::try_from(pid).unwrap()) };
+    assert_eq!(u32::try_from(sid).unwrap(), pid);
+
+    // Bytes written through the device with O_DIRECT reach the export: read back through
+    // the device, and straight from the server with nbdcopy.
+    let first = pattern(11, 1 << 20);
+    let last = pattern(12, 256 << 10);
+    o_direct_write(&a.device, MIB, &first);
+    o_direct_write(&a.device, 64 * MIB - (256 << 10), &last);
+    assert!(
+        o_direct_read(&a.device, MIB, first.len()) == first,
+        "read-back differs"
+    );
+    let copy = dir.path().join("copy.img");
+    let out = std::process::Command::new("nbdcopy")
+        .arg(&server.uri)
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nbdcopy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image = std::fs::read(&copy).unwrap();
+    assert_eq!(image.len(), 64 << 20);
+    assert!(
+        image[1 << 20..(1 << 20) + first.len()] == first[..],
+        "server bytes differ (first)"
+    );
+    assert!(
+        image[(64 << 20) - (256 << 10)..] == last[..],
+        "server bytes differ (last)"
+    );
+    assert!(
+        image[..1 << 20].iter().all(|b| *b == 0),
+        "bytes before the write changed"
+    );
+
+    // Idempotent; a different export under the same id is refused.
+    assert_eq!(
+        attacher
+            .attach("vol-a", &server.uri, AttachMode::Fuse, false)
+            .unwrap(),
+        a
+    );
+    assert!(matches!(
+        attacher.attach("vol-a", "nbd://127.0.0.1:1/other", AttachMode::Fuse, false),
+        Err(HostError::AttachConflict { .. })
+    ));
+    assert!(matches!(
+        attacher.attach("vol-a", &server.uri, AttachMode::Fuse, true),
+        Err(HostError::AttachConflict { .. })
+    ));
+    assert!(matches!(
+        attacher.attach("vol-k", &server.uri, AttachMode::Kernel, false),
+        Err(HostError::KernelNbdUnavailable)
+    ));
+
+    // A restarted `cairn csi` (a new Attacher on the same state) finds it.
+    let restarted = Attacher::with_config(cfg.clone()).unwrap();
+    let listed = restarted.list().unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(listed[0].healthy && listed[0].helper_alive, "{listed:?}");
+    assert_eq!(listed[0].device.as_deref(), Some(a.device.as_path()));
+    assert_eq!(listed[0].uri.as_deref(), Some(server.uri.as_str()));
+    assert_eq!(
+        restarted
+            .attach("vol-a", &server.uri, AttachMode::Fuse, false)
+            .unwrap(),
+        a
+    );
+    assert_eq!(restarted.get("vol-a").unwrap(), Some(a.clone()));
+    assert_eq!(restarted.grow_device("vol-a", 64 * MIB).unwrap(), 64 * MIB);
+    assert!(matches!(
+        restarted.grow_device("vol-a", 128 * MIB),
+        Err(HostError::GrowUnsupported { .. })
+    ));
+
+    // A mounted device is not detached.
+    let mnt = dir.path().join("mnt");
+    mount::format_and_mount(&a.device, &mnt, FsType::Ext4, &[], false).unwrap();
+    let mnt_guard = Unmount(mnt.clone());
+    write_synced(&mnt.join("f"), &first).unwrap();
+    assert!(matches!(
+        restarted.detach("vol-a"),
+        Err(HostError::DeviceBusy { .. })
+    ));
+    assert_eq!(restarted.get("vol-a").unwrap(), Some(a.clone()));
+    assert_eq!(std::fs::read(mnt.join("f")).unwrap(), first);
+    drop(mnt_guard);
+
+    // Detach: device, FUSE mount, nbdfuse and state gone; again is a no-op.
+    assert_eq!(restarted.detach("vol-a").unwrap(), DetachOutcome::Detached);
+    assert_eq!(loopdev::backing_file(&a.device).unwrap(), None);
+    assert!(!process_alive(pid), "nbdfuse {pid} still runs");
+    assert!(!attacher.state_dir().join("vol-a").exists());
+    assert!(restarted.list().unwrap().is_empty());
+    assert_eq!(
+        restarted.detach("vol-a").unwrap(),
+        DetachOutcome::NotAttached
+    );
+    assert_eq!(
+        attacher.detach("vol-a").unwrap(),
+        DetachOutcome::NotAttached
+    );
+    assert_eq!(attacher.get("vol-a").unwrap(), None);
+
+    // The data outlives the attachment: attach again, the filesystem and file are there.
+    let again = attacher
+        .attach("vol-a", &server.uri, AttachMode::Fuse, false)
+        .unwrap();
+    assert!(matches!(
+        mount::probe(&again.device).unwrap(),
+        Probe::Filesystem { .. }
+    ));
+    assert_eq!(
+        mount::format_and_mount(&again.device, &mnt, FsType::Ext4, &[], false).unwrap(),
+        MountOutcome::Mounted
+    );
+    let mnt_guard = Unmount(mnt.clone());
+    assert_eq!(std::fs::read(mnt.join("f")).unwrap(), first);
+    drop(mnt_guard);
+    assert_eq!(attacher.detach("vol-a").unwrap(), DetachOutcome::Detached);
+}
+
+#[test]
+fn nbdfuse_attach_recovers_half_done_and_dead_attachments() {
+    if !can_run(
+        "nbdfuse_attach_recovers_half_done_and_dead_attachments",
+        &["nbdkit", "nbdfuse", "fusermount3", "losetup"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = NbdKit::start(dir.path(), "16M");
+    let mut cfg = AttachConfig::new(dir.path().join("state"));
+    cfg.ready_timeout = Duration::from_secs(20);
+    cfg.detach_timeout = Duration::from_secs(20);
+    let attacher = Attacher::with_config(cfg).unwrap();
+    let _cleanup = DetachAll(&attacher);
+    let data = pattern(21, 64 << 10);
+
+    // Crash between nbdfuse and losetup: the loop device is missing; attach sets it up.
+    let a = attacher
+        .attach("vol-b", &server.uri, AttachMode::Fuse, false)
+        .unwrap();
+    o_direct_write(&a.device, 0, &data);
+    loopdev::detach(&a.device, Duration::from_secs(10)).unwrap();
+    let st = &attacher.list().unwrap()[0];
+    assert!(
+        st.helper_alive && !st.healthy && st.device.is_none(),
+        "{st:?}"
+    );
+    let b = attacher
+        .attach("vol-b", &server.uri, AttachMode::Fuse, false)
+        .unwrap();
+    assert!(o_direct_read(&b.device, 0, data.len()) == data);
+
+    // nbdfuse killed: the attachment is stale and is rebuilt with a new nbdfuse.
+    let pid = nbdfuse_pid(&attacher, "vol-b");
+    let pid_t = i32::try_from(pid).unwrap();
+    // SAFETY: kill(2) has no memory effects; the pid is the nbdfuse this test started.
+    let rc = unsafe { libc::kill(pid_t, libc::SIGKILL) };
+    assert_eq!(rc, 0);
+    // It is the attacher's child: wait until it is a zombie (not alive) to know it died.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while process_alive(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nbdfuse survived SIGKILL"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let st = &attacher.list().unwrap()[0];
+    assert!(!st.helper_alive && !st.healthy, "{st:?}");
+    let c = attacher
+        .attach("vol-b", &server.uri, AttachMode::Fuse, false)
+        .unwrap();
+    assert_ne!(nbdfuse_pid(&attacher, "vol-b"), pid);
+    assert!(o_direct_read(&c.device, 0, data.len()) == data);
+    assert!(attacher.list().unwrap()[0].healthy);
+    assert_eq!(attacher.detach("vol-b").unwrap(), DetachOutcome::Detached);
+
+    // A server that is not there: the error carries nbdfuse's stderr; nothing is left.
+    let refused = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        drop(l);
+        format!("nbd://127.0.0.1:{port}/x")
+    };
+    let err = attacher
+        .attach("vol-c", &refused, AttachMode::Fuse, false)
+        .unwrap_err();
+    assert!(matches!(err, HostError::HelperExited { .. }), "{err}");
+    assert!(err.to_string().to_lowercase().contains("connect"), "{err}");
+    assert!(!attacher.state_dir().join("vol-c").exists());
+    assert!(attacher.list().unwrap().is_empty());
+    assert!(matches!(
+        attacher.attach("../x", &server.uri, AttachMode::Fuse, false),
+        Err(HostError::InvalidVolumeId(_))
+    ));
 }
 
 /// A 4096-aligned heap buffer for O_DIRECT.

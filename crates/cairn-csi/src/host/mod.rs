@@ -1,5 +1,7 @@
 //! What a node does to a volume, below the CSI Node service.
 //!
+//! - [`attach`]: an NBD export as a local block device, by volume id (nbdfuse + a loop
+//!   device; kernel NBD to come), idempotent and found again after a restart.
 //! - [`mount`]: probe, format (ext4, xfs), check, mount, bind (directory, file or device
 //!   node), read-only bind, unmount, statistics and online growth of filesystems.
 //! - [`loopdev`]: loop devices over files (attach, find by backing file, refresh the size,
@@ -12,6 +14,7 @@
 //! `tokio::task::spawn_blocking`. Failures are [`HostError`]s naming the command or system
 //! call, its status and its standard error. Everything assumes Linux and root.
 
+pub mod attach;
 mod cmd;
 mod error;
 pub mod loopdev;

@@ -1,0 +1,881 @@
+//! Attaching an NBD export as a local block device, by volume id.
+//!
+//! Mode [`AttachMode::Fuse`], for nodes without the kernel NBD driver: `nbdfuse` serves the
+//! export as the file `STATE_DIR/<volume>/fuse/disk` (a FUSE mount of its own), and a loop
+//! device (`losetup --find --show --direct-io=on`) turns that file into `/dev/loopN`.
+//!
+//! Guarantees:
+//! - Idempotent by volume id: attaching an attached volume (same URI, same read-only flag)
+//!   returns its device; detaching a volume that is not attached succeeds. Attach and detach
+//!   of one volume are serialised across threads and processes (a `flock` on
+//!   `STATE_DIR/.locks/<volume>`).
+//! - Restart-safe: what is attached is found again from `STATE_DIR` and the kernel alone
+//!   (the `attachment` file, nbdfuse's pidfile, the FUSE mount in mountinfo, the loop device
+//!   in `/sys/block/loop*/loop/backing_file`). nbdfuse runs in its own session (`setsid`), so
+//!   it outlives the `cairn csi` process that started it; a restarted one re-attaches what
+//!   it finds healthy and rebuilds what it finds half-done (a crash between the steps).
+//! - Waits are conditions with deadlines (pidfile written, loop device released, nbdfuse
+//!   exited), never fixed sleeps; a helper that dies is reported with its standard error
+//!   (kept in `STATE_DIR/<volume>/nbdfuse.log`).
+//! - A loop device in use (a mounted filesystem) is never detached: detach fails with
+//!   [`HostError::DeviceBusy`] and changes nothing.
+//!
+//! Assumes: root, FUSE and loop devices, `nbdfuse`, `losetup`, `fusermount3`. `STATE_DIR`
+//! should be on a filesystem that does not survive a reboot (e.g. under `/run`), like the
+//! FUSE mounts and loop devices it describes; a state directory found after a reboot is
+//! stale and rebuilt on the next attach. A `cairn csi` that runs as PID 1 of a container must
+//! reap orphans (nbdfuse processes of an earlier incarnation exit as its children).
+//! nbdfuse reads the export size once: a Fuse attachment cannot grow online
+//! ([`Attacher::grow_device`]).
+//!
+//! Every method blocks (it runs tools and waits for them): call it from
+//! `tokio::task::spawn_blocking` in async code.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::cmd::{describe_status, tail, Cmd};
+use super::error::{HostError, Result};
+use super::loopdev::{self, LoopOptions};
+use super::mountinfo;
+use super::wait::poll;
+
+/// How a volume becomes a block device on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    /// nbdfuse + a loop device (no kernel NBD driver needed).
+    Fuse,
+    /// The kernel NBD driver, configured over netlink (`/dev/nbdN`).
+    Kernel,
+}
+
+impl AttachMode {
+    /// `auto`: [`AttachMode::Kernel`] when `/dev/nbd0` exists or the `nbd` module loads
+    /// (`modprobe nbd`), else [`AttachMode::Fuse`].
+    pub fn detect() -> AttachMode {
+        if super::nbd_netlink::available() {
+            return AttachMode::Kernel;
+        }
+        let loaded =
+            super::cmd::have_tool("modprobe") && Cmd::new("modprobe").arg("nbd").run().is_ok();
+        if loaded && super::nbd_netlink::available() {
+            return AttachMode::Kernel;
+        }
+        AttachMode::Fuse
+    }
+
+    /// `fuse` or `kernel`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttachMode::Fuse => "fuse",
+            AttachMode::Kernel => "kernel",
+        }
+    }
+}
+
+impl std::fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for AttachMode {
+    type Err = String;
+
+    /// `fuse`, `kernel`, or `auto` ([`AttachMode::detect`]).
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "fuse" => Ok(AttachMode::Fuse),
+            "kernel" => Ok(AttachMode::Kernel),
+            "auto" => Ok(AttachMode::detect()),
+            other => Err(format!(
+                "unknown attach mode {other:?} (auto, fuse, kernel)"
+            )),
+        }
+    }
+}
+
+/// A parsed `nbd://HOST[:PORT][/EXPORT]` URI (plain TCP; the form Cairn agents publish).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdUri {
+    /// Host name or address (IPv6 without brackets).
+    pub host: String,
+    /// TCP port (10809 when the URI has none).
+    pub port: u16,
+    /// Export name (empty: the default export).
+    pub export: String,
+    text: String,
+}
+
+impl NbdUri {
+    /// Parses and checks `uri`. Only `nbd://` is accepted, without query or fragment, so
+    /// the string handed to nbdfuse means exactly host, port and export.
+    pub fn parse(uri: &str) -> Result<NbdUri> {
+        let bad = |why| HostError::InvalidUri {
+            uri: uri.to_string(),
+            why,
+        };
+        let rest = uri
+            .strip_prefix("nbd://")
+            .ok_or_else(|| bad("only nbd:// URIs are supported"))?;
+        if uri.contains(['?', '#']) || uri.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(bad(
+                "no query, fragment, whitespace or control characters allowed",
+            ));
+        }
+        let (authority, export) = match rest.split_once('/') {
+            Some((a, e)) => (a, e),
+            None => (rest, ""),
+        };
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (h, after) = v6.split_once(']').ok_or_else(|| bad("unclosed '['"))?;
+            match after {
+                "" => (h, None),
+                p => (
+                    h,
+                    Some(p.strip_prefix(':').ok_or_else(|| bad("junk after ']'"))?),
+                ),
+            }
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
+        let port = match port {
+            None => 10809,
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| bad("bad port"))?,
+        };
+        Ok(NbdUri {
+            host: host.to_string(),
+            port,
+            export: export.to_string(),
+            text: uri.to_string(),
+        })
+    }
+
+    /// The URI as given.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+}
+
+impl std::fmt::Display for NbdUri {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// Settings of an [`Attacher`].
+#[derive(Debug, Clone)]
+pub struct AttachConfig {
+    /// Where attachments keep their state, one directory per volume.
+    pub state_dir: PathBuf,
+    /// The nbdfuse program (`nbdfuse`, looked up in `PATH`).
+    pub nbdfuse: PathBuf,
+    /// How long nbdfuse may take to connect and mount (default 30 s).
+    pub ready_timeout: Duration,
+    /// How long a detach waits for the loop device to be released and nbdfuse to exit
+    /// (default 30 s); nbdfuse still running then is killed.
+    pub detach_timeout: Duration,
+    /// Loop device with `--direct-io=on` (default true): no second page cache.
+    pub direct_io: bool,
+}
+
+impl AttachConfig {
+    /// Defaults, with state under `state_dir`.
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        AttachConfig {
+            state_dir: state_dir.into(),
+            nbdfuse: PathBuf::from("nbdfuse"),
+            ready_timeout: Duration::from_secs(30),
+            detach_timeout: Duration::from_secs(30),
+            direct_io: true,
+        }
+    }
+}
+
+/// An attached volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attachment {
+    /// The volume id.
+    pub volume_id: String,
+    /// How it is attached.
+    pub mode: AttachMode,
+    /// The export.
+    pub uri: String,
+    /// Attached read-only.
+    pub read_only: bool,
+    /// The block device (`/dev/loopN`, `/dev/nbdN`).
+    pub device: PathBuf,
+}
+
+/// What the state directory and the kernel say about one volume ([`Attacher::list`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachmentState {
+    /// The volume id.
+    pub volume_id: String,
+    /// The export, if the state file could be read.
+    pub uri: Option<String>,
+    /// Attached read-only.
+    pub read_only: bool,
+    /// The block device, if one is set up.
+    pub device: Option<PathBuf>,
+    /// The nbdfuse process is running.
+    pub helper_alive: bool,
+    /// nbdfuse running, its FUSE mount present and a device set up: usable as is.
+    pub healthy: bool,
+}
+
+/// What [`Attacher::detach`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DetachOutcome {
+    /// The volume was attached (at least partly) and is no longer.
+    Detached,
+    /// Nothing was attached.
+    NotAttached,
+}
+
+/// Attaches and detaches volumes on this node, keeping state under one directory.
+#[derive(Debug)]
+pub struct Attacher {
+    cfg: AttachConfig,
+    /// nbdfuse processes this process started, kept to reap them.
+    children: Mutex<HashMap<String, Child>>,
+}
+
+const STATE_FILE: &str = "attachment";
+const PID_FILE: &str = "nbdfuse.pid";
+const LOG_FILE: &str = "nbdfuse.log";
+const FUSE_DIR: &str = "fuse";
+const DISK: &str = "disk";
+const LOCKS: &str = ".locks";
+
+impl Attacher {
+    /// An attacher with default settings and state under `state_dir` (created).
+    pub fn new(state_dir: impl Into<PathBuf>) -> Result<Attacher> {
+        Attacher::with_config(AttachConfig::new(state_dir))
+    }
+
+    /// An attacher with `cfg` (its state directory is created and made absolute).
+    pub fn with_config(mut cfg: AttachConfig) -> Result<Attacher> {
+        let dir = &cfg.state_dir;
+        std::fs::create_dir_all(dir.join(LOCKS)).map_err(|e| HostError::io("mkdir", dir, e))?;
+        cfg.state_dir =
+            std::fs::canonicalize(dir).map_err(|e| HostError::io("canonicalize", dir, e))?;
+        Ok(Attacher {
+            cfg,
+            children: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.cfg.state_dir
+    }
+
+    /// Attaches export `uri` as volume `volume_id` and returns its block device. Attaching an
+    /// attached volume returns the same device; the same id with another URI, mode or
+    /// read-only flag is [`HostError::AttachConflict`]. A half-done or dead attachment (nbdfuse
+    /// gone) is torn down and made again; if its old device is still in use that fails with
+    /// [`HostError::DeviceBusy`].
+    pub fn attach(
+        &self,
+        volume_id: &str,
+        uri: &str,
+        mode: AttachMode,
+        read_only: bool,
+    ) -> Result<Attachment> {
+        validate_volume_id(volume_id)?;
+        let uri = NbdUri::parse(uri)?;
+        if mode == AttachMode::Kernel {
+            return attach_kernel(volume_id, &uri, read_only);
+        }
+        self.reap();
+        let _lock = self.lock(volume_id)?;
+        let dir = self.volume_dir(volume_id);
+        let wanted = State {
+            mode,
+            uri: uri.to_string(),
+            read_only,
+        };
+        if dir.exists() {
+            match read_state(&dir) {
+                Ok(st) if st != wanted => {
+                    return Err(HostError::AttachConflict {
+                        volume: volume_id.into(),
+                        existing: format!(
+                            "{} {}{}",
+                            st.mode,
+                            st.uri,
+                            if st.read_only { " (read-only)" } else { "" }
+                        ),
+                    })
+                }
+                Ok(_) => {
+                    if let Some(device) = self.resume(volume_id, &dir, read_only)? {
+                        return Ok(self.attachment(volume_id, &wanted, device));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(volume = volume_id, error = %e, "unreadable attachment state; rebuilding")
+                }
+            }
+            tracing::warn!(
+                volume = volume_id,
+                "stale attachment; tearing it down before attaching again"
+            );
+            self.teardown(volume_id, &dir)?;
+        }
+        let device = self
+            .attach_fresh(volume_id, &dir, &wanted)
+            .inspect_err(|_| {
+                if let Err(e) = self.teardown(volume_id, &dir) {
+                    tracing::error!(volume = volume_id, error = %e, "cleanup of a failed attach");
+                }
+            })?;
+        Ok(self.attachment(volume_id, &wanted, device))
+    }
+
+    /// Detaches volume `volume_id`: loop device(s) released (`losetup -d`, waiting until the
+    /// kernel lets go), FUSE mount unmounted (`fusermount3 -u`), nbdfuse exited (killed past
+    /// the deadline), state directory removed. Not attached: [`DetachOutcome::NotAttached`].
+    /// A device still in use (mounted): [`HostError::DeviceBusy`], nothing changed.
+    pub fn detach(&self, volume_id: &str) -> Result<DetachOutcome> {
+        validate_volume_id(volume_id)?;
+        self.reap();
+        let lock = self.lock(volume_id)?;
+        let dir = self.volume_dir(volume_id);
+        let outcome = if dir.exists() {
+            self.teardown(volume_id, &dir)?;
+            DetachOutcome::Detached
+        } else {
+            DetachOutcome::NotAttached
+        };
+        lock.remove();
+        Ok(outcome)
+    }
+
+    /// The volume's attachment, if it is attached and healthy.
+    pub fn get(&self, volume_id: &str) -> Result<Option<Attachment>> {
+        validate_volume_id(volume_id)?;
+        let dir = self.volume_dir(volume_id);
+        if !dir.exists() {
+            return Ok(None);
+        }
+        let st = self.inspect(volume_id, &dir)?;
+        Ok(match (st.healthy, st.device, st.uri) {
+            (true, Some(device), Some(uri)) => Some(Attachment {
+                volume_id: volume_id.into(),
+                mode: AttachMode::Fuse,
+                uri,
+                read_only: st.read_only,
+                device,
+            }),
+            _ => None,
+        })
+    }
+
+    /// Every volume with a state directory, healthy or not: what a restarted `cairn csi`
+    /// reconciles against (sorted by volume id).
+    pub fn list(&self) -> Result<Vec<AttachmentState>> {
+        self.reap();
+        let root = &self.cfg.state_dir;
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(root).map_err(|e| HostError::io("read_dir", root, e))? {
+            let entry = entry.map_err(|e| HostError::io("read_dir", root, e))?;
+            let name = entry.file_name();
+            let Some(id) = name.to_str() else { continue };
+            if validate_volume_id(id).is_err() || !entry.path().is_dir() {
+                continue;
+            }
+            out.push(self.inspect(id, &entry.path())?);
+        }
+        out.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
+        Ok(out)
+    }
+
+    /// Makes the device of an attached volume at least `new_size` bytes, returning its size.
+    /// A device already that large is left as is. A Fuse attachment cannot grow online
+    /// (nbdfuse reads the export size once, at start): [`HostError::GrowUnsupported`].
+    pub fn grow_device(&self, volume_id: &str, new_size: u64) -> Result<u64> {
+        let a = self.get(volume_id)?.ok_or_else(|| HostError::BadState {
+            path: self.volume_dir(volume_id),
+            why: "volume is not attached (or its attachment is broken)".into(),
+        })?;
+        let size = super::mount::block_device_size(&a.device)?;
+        if size >= new_size {
+            return Ok(size);
+        }
+        Err(HostError::GrowUnsupported {
+            volume: volume_id.into(),
+            mode: a.mode.as_str(),
+        })
+    }
+
+    /// Reaps nbdfuse children of this process that have exited (their attachment was torn
+    /// down by another process, or they died), so none lingers as a zombie.
+    fn reap(&self) {
+        let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
+        children.retain(|volume, c| match c.try_wait() {
+            Ok(None) => true,
+            Ok(Some(status)) => {
+                tracing::debug!(volume, %status, "reaped nbdfuse");
+                false
+            }
+            Err(_) => false,
+        });
+    }
+
+    fn volume_dir(&self, volume_id: &str) -> PathBuf {
+        self.cfg.state_dir.join(volume_id)
+    }
+
+    fn attachment(&self, volume_id: &str, st: &State, device: PathBuf) -> Attachment {
+        Attachment {
+            volume_id: volume_id.into(),
+            mode: st.mode,
+            uri: st.uri.clone(),
+            read_only: st.read_only,
+            device,
+        }
+    }
+
+    /// A live attachment's device, setting up the loop device if the previous attach
+    /// stopped before it. `None` if nbdfuse or its mount is gone.
+    fn resume(&self, volume_id: &str, dir: &Path, read_only: bool) -> Result<Option<PathBuf>> {
+        let fuse = dir.join(FUSE_DIR);
+        if !helper_alive(dir) || !mountinfo::is_mount_point(&fuse)? {
+            return Ok(None);
+        }
+        let disk = fuse.join(DISK);
+        let mut devices = loopdev::devices_of(&disk)?;
+        if let Some(dev) = devices.pop() {
+            for extra in devices {
+                tracing::warn!(volume = volume_id, device = %extra.display(), "second loop device over one attachment; detaching it");
+                loopdev::detach(&extra, self.cfg.detach_timeout)?;
+            }
+            tracing::debug!(volume = volume_id, device = %dev.display(), "already attached");
+            return Ok(Some(dev));
+        }
+        tracing::info!(
+            volume = volume_id,
+            "nbdfuse runs but no loop device; setting it up"
+        );
+        Ok(Some(self.loop_attach(&disk, read_only)?))
+    }
+
+    fn attach_fresh(&self, volume_id: &str, dir: &Path, st: &State) -> Result<PathBuf> {
+        let fuse = dir.join(FUSE_DIR);
+        std::fs::create_dir_all(&fuse).map_err(|e| HostError::io("mkdir", &fuse, e))?;
+        write_state(dir, st)?;
+        let pidfile = dir.join(PID_FILE);
+        match std::fs::remove_file(&pidfile) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(HostError::io("unlink", &pidfile, e))
+            }
+            _ => {}
+        }
+        let log_path = dir.join(LOG_FILE);
+        let log = File::create(&log_path).map_err(|e| HostError::io("create", &log_path, e))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| HostError::io("dup", &log_path, e))?;
+        let disk = fuse.join(DISK);
+        let mut cmd = Command::new(&self.cfg.nbdfuse);
+        cmd.arg("-P").arg(&pidfile);
+        if st.read_only {
+            cmd.arg("-r");
+        }
+        cmd.arg(&disk)
+            .arg(&st.uri)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        // SAFETY: the closure runs in the forked child before exec and calls only setsid(2),
+        // which is async-signal-safe; it touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let line = format!(
+            "{} -P {} {}{} {}",
+            self.cfg.nbdfuse.display(),
+            pidfile.display(),
+            if st.read_only { "-r " } else { "" },
+            disk.display(),
+            st.uri
+        );
+        tracing::info!(volume = volume_id, command = %line, "starting nbdfuse");
+        let mut child = cmd.spawn().map_err(|source| HostError::Spawn {
+            command: line,
+            source,
+        })?;
+        let pid = child.id();
+        let ready = poll(
+            &format!("nbdfuse for volume {volume_id} to serve {}", st.uri),
+            self.cfg.ready_timeout,
+            || {
+                if let Some(status) = child
+                    .try_wait()
+                    .map_err(|e| HostError::io("wait", &disk, e))?
+                {
+                    return Err(HostError::HelperExited {
+                        volume: volume_id.into(),
+                        status: describe_status(status),
+                        stderr: read_log(dir),
+                    });
+                }
+                Ok((read_pid(&pidfile) == Some(pid)).then_some(()))
+            },
+            || read_log(dir),
+        );
+        self.children
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(volume_id.into(), child);
+        ready?;
+        let dev = self.loop_attach(&disk, st.read_only)?;
+        tracing::info!(volume = volume_id, device = %dev.display(), pid, "attached");
+        Ok(dev)
+    }
+
+    fn loop_attach(&self, disk: &Path, read_only: bool) -> Result<PathBuf> {
+        loopdev::attach(
+            disk,
+            LoopOptions {
+                direct_io: self.cfg.direct_io,
+                read_only,
+            },
+        )
+    }
+
+    /// Undoes whatever part of an attachment exists, in reverse order, then removes `dir`.
+    fn teardown(&self, volume_id: &str, dir: &Path) -> Result<()> {
+        let fuse = dir.join(FUSE_DIR);
+        for dev in loopdev::devices_of(&fuse.join(DISK))? {
+            loopdev::detach(&dev, self.cfg.detach_timeout)?;
+        }
+        let pid = read_pid(&dir.join(PID_FILE));
+        if mountinfo::is_mount_point(&fuse)? {
+            tracing::info!(volume = volume_id, "unmounting nbdfuse");
+            if let Err(e) = Cmd::new("fusermount3").arg("-u").arg(&fuse).run() {
+                if mountinfo::is_mount_point(&fuse)? {
+                    return Err(e);
+                }
+            }
+        }
+        self.wait_helper_exit(volume_id, pid)?;
+        match std::fs::remove_dir_all(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(HostError::io("rm -r", dir, e))
+            }
+            _ => {}
+        }
+        tracing::info!(volume = volume_id, "detached");
+        Ok(())
+    }
+
+    /// Waits for nbdfuse to exit after its unmount; kills it past the deadline.
+    fn wait_helper_exit(&self, volume_id: &str, pid: Option<u32>) -> Result<()> {
+        let mut child = self
+            .children
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(volume_id);
+        let Some(pid) = pid.or(child.as_ref().map(Child::id)) else {
+            return Ok(());
+        };
+        let mut exited = || -> Result<Option<()>> {
+            Ok(match child.as_mut() {
+                Some(c) => c
+                    .try_wait()
+                    .map_err(|e| HostError::io("wait", format!("pid {pid}"), e))?
+                    .map(|_| ()),
+                None => (!pid_is_nbdfuse(pid)).then_some(()),
+            })
+        };
+        let what = format!("nbdfuse (pid {pid}) of volume {volume_id} to exit");
+        if poll(&what, self.cfg.detach_timeout, &mut exited, String::new).is_ok() {
+            return Ok(());
+        }
+        tracing::warn!(
+            volume = volume_id,
+            pid,
+            "nbdfuse did not exit after its unmount; killing it"
+        );
+        if pid_is_nbdfuse(pid) {
+            if let Ok(p) = i32::try_from(pid) {
+                // SAFETY: kill(2) has no memory effects; the pid was checked to be nbdfuse.
+                unsafe { libc::kill(p, libc::SIGKILL) };
+            }
+        }
+        poll(&what, self.cfg.detach_timeout, exited, String::new)
+    }
+
+    fn inspect(&self, volume_id: &str, dir: &Path) -> Result<AttachmentState> {
+        let st = read_state(dir).ok();
+        let fuse = dir.join(FUSE_DIR);
+        let device = loopdev::devices_of(&fuse.join(DISK))?.pop();
+        let alive = helper_alive(dir);
+        let healthy = alive && device.is_some() && mountinfo::is_mount_point(&fuse)?;
+        Ok(AttachmentState {
+            volume_id: volume_id.into(),
+            read_only: st.as_ref().is_some_and(|s| s.read_only),
+            uri: st.map(|s| s.uri),
+            device,
+            helper_alive: alive,
+            healthy,
+        })
+    }
+
+    /// Takes the per-volume lock, blocking while another thread or process holds it.
+    fn lock(&self, volume_id: &str) -> Result<VolumeLock> {
+        let path = self.cfg.state_dir.join(LOCKS).join(volume_id);
+        loop {
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|e| HostError::io("open", &path, e))?;
+            rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+                .map_err(|e| HostError::io("flock", &path, e.into()))?;
+            // A detach that held the lock before us may have removed the file: then our lock
+            // is on an orphan inode and another caller may lock a new file. Retry.
+            let held = file
+                .metadata()
+                .map_err(|e| HostError::io("stat", &path, e))?;
+            match std::fs::metadata(&path) {
+                Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => {
+                    return Ok(VolumeLock { file, path })
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(HostError::io("stat", &path, e)),
+            }
+        }
+    }
+}
+
+/// The kernel NBD seam: where [`AttachMode::Kernel`] will hand a handshaken socket to
+/// `nbd_netlink::KernelNbd::connect`. Not wired in this build.
+fn attach_kernel(volume_id: &str, uri: &NbdUri, read_only: bool) -> Result<Attachment> {
+    tracing::error!(volume = volume_id, %uri, read_only, "kernel NBD attach requested");
+    Err(HostError::KernelNbdUnavailable)
+}
+
+/// An exclusive `flock` on `.locks/<volume>`, released when dropped.
+struct VolumeLock {
+    #[allow(dead_code)] // Held for its lock.
+    file: File,
+    path: PathBuf,
+}
+
+impl VolumeLock {
+    /// Removes the lock file while still holding the lock (see [`Attacher::lock`]).
+    fn remove(self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot remove lock file");
+        }
+    }
+}
+
+/// A volume id usable as a directory name: `[A-Za-z0-9._-]{1,128}`, not starting with `.`.
+pub fn validate_volume_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(HostError::InvalidVolumeId(id.into()))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct State {
+    mode: AttachMode,
+    uri: String,
+    read_only: bool,
+}
+
+fn write_state(dir: &Path, st: &State) -> Result<()> {
+    let path = dir.join(STATE_FILE);
+    let tmp = dir.join(format!("{STATE_FILE}.tmp"));
+    let text = format!(
+        "mode={}\nuri={}\nread_only={}\n",
+        st.mode,
+        st.uri,
+        u8::from(st.read_only)
+    );
+    let mut f = File::create(&tmp).map_err(|e| HostError::io("create", &tmp, e))?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| HostError::io("write", &tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| HostError::io("rename", &path, e))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| HostError::io("fsync", dir, e))
+}
+
+fn read_state(dir: &Path) -> Result<State> {
+    let path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| HostError::io("read", &path, e))?;
+    parse_state(&text).map_err(|why| HostError::BadState { path, why })
+}
+
+fn parse_state(text: &str) -> std::result::Result<State, String> {
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(k)?.strip_prefix('='))
+            .ok_or_else(|| format!("no {k}="))
+    };
+    Ok(State {
+        mode: match get("mode")? {
+            "fuse" => AttachMode::Fuse,
+            "kernel" => AttachMode::Kernel,
+            m => return Err(format!("unknown mode {m:?}")),
+        },
+        uri: get("uri")?.to_string(),
+        read_only: match get("read_only")? {
+            "0" => false,
+            "1" => true,
+            v => return Err(format!("bad read_only {v:?}")),
+        },
+    })
+}
+
+fn read_pid(pidfile: &Path) -> Option<u32> {
+    std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()
+}
+
+/// Whether the nbdfuse of this attachment runs.
+fn helper_alive(dir: &Path) -> bool {
+    read_pid(&dir.join(PID_FILE)).is_some_and(pid_is_nbdfuse)
+}
+
+/// Whether `pid` is a live (not zombie) process named nbdfuse: a recycled pid is not ours.
+fn pid_is_nbdfuse(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "PID (COMM) STATE ...": comm may hold spaces and parentheses; take the last ')'.
+    let Some((head, rest)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let comm = head.split_once('(').map(|(_, c)| c).unwrap_or_default();
+    let state = rest.trim_start().chars().next();
+    comm == "nbdfuse" && !matches!(state, Some('Z' | 'X' | 'x'))
+}
+
+/// The end of nbdfuse's standard error.
+fn read_log(dir: &Path) -> String {
+    let path = dir.join(LOG_FILE);
+    let mut text = String::new();
+    if let Ok(mut f) = File::open(&path) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(4096)));
+        let _ = f.read_to_string(&mut text);
+    }
+    tail(text.trim(), 4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris_parse() {
+        let u = NbdUri::parse("nbd://127.0.0.1:10809/vol0").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.export.as_str()),
+            ("127.0.0.1", 10809, "vol0")
+        );
+        let u = NbdUri::parse("nbd://[::1]:2000/a/b").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.export.as_str()),
+            ("::1", 2000, "a/b")
+        );
+        let u = NbdUri::parse("nbd://node-1").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.export.as_str()),
+            ("node-1", 10809, "")
+        );
+        assert_eq!(NbdUri::parse("nbd://[::1]/x").unwrap().port, 10809);
+        for bad in [
+            "nbds://h/x",
+            "nbd+unix:///x?socket=/s",
+            "nbd://h:0/x",
+            "nbd://h:99999/x",
+            "nbd://:1/x",
+            "nbd://h/x?tls=on",
+            "nbd://h/x y",
+            "nbd://[::1/x",
+            "http://h/x",
+        ] {
+            assert!(NbdUri::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn volume_ids() {
+        for ok in ["vol0", "pvc-1234abcd-ef", "a.b_c", "x"] {
+            validate_volume_id(ok).unwrap();
+        }
+        let long = "a".repeat(129);
+        for bad in ["", ".", "..", ".locks", "a/b", "a b", long.as_str(), "é"] {
+            assert!(validate_volume_id(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let st = State {
+            mode: AttachMode::Fuse,
+            uri: "nbd://h:1/v".into(),
+            read_only: true,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        write_state(dir.path(), &st).unwrap();
+        assert_eq!(read_state(dir.path()).unwrap(), st);
+        assert!(parse_state("mode=fuse\nuri=x\n").is_err());
+        assert!(parse_state("mode=tape\nuri=x\nread_only=0\n").is_err());
+    }
+
+    #[test]
+    fn modes_parse() {
+        assert_eq!("fuse".parse::<AttachMode>().unwrap(), AttachMode::Fuse);
+        assert_eq!("kernel".parse::<AttachMode>().unwrap(), AttachMode::Kernel);
+        assert!("auto".parse::<AttachMode>().is_ok());
+        assert!("nbd".parse::<AttachMode>().is_err());
+    }
+
+    #[test]
+    fn our_pid_is_not_nbdfuse() {
+        assert!(!pid_is_nbdfuse(std::process::id()));
+        assert!(!pid_is_nbdfuse(u32::MAX));
+    }
+}
