@@ -788,6 +788,82 @@ fn nbdfuse_attach_recovers_half_done_and_dead_attachments() {
     ));
 }
 
+/// Not a test on its own: the attaching half of
+/// `nbdfuse_attachment_outlives_the_process_that_made_it`, run in a child process of that
+/// test (this test binary, filtered to this name, with the state dir and URI in its
+/// environment). Without that environment it does nothing.
+#[test]
+fn child_process_attach_helper() {
+    let (Ok(state), Ok(uri)) = (
+        std::env::var("CAIRN_HOST_TEST_STATE"),
+        std::env::var("CAIRN_HOST_TEST_URI"),
+    ) else {
+        return;
+    };
+    let attacher = Attacher::new(state).unwrap();
+    let a = attacher
+        .attach("vol-x", &uri, AttachMode::Fuse, false)
+        .unwrap();
+    println!("DEVICE={}", a.device.display());
+}
+
+#[test]
+fn nbdfuse_attachment_outlives_the_process_that_made_it() {
+    if !can_run(
+        "nbdfuse_attachment_outlives_the_process_that_made_it",
+        &["nbdkit", "nbdfuse", "fusermount3", "losetup"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = NbdKit::start(dir.path(), "8M");
+    let state = dir.path().join("state");
+    let attacher = Attacher::new(&state).unwrap();
+    let _cleanup = DetachAll(&attacher);
+
+    // Another process attaches and exits (a `cairn csi` restart).
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_process_attach_helper",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("CAIRN_HOST_TEST_STATE", &state)
+        .env("CAIRN_HOST_TEST_URI", &server.uri)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "child: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let device = stdout
+        .lines()
+        .find_map(|l| l.split_once("DEVICE=").map(|(_, d)| d.trim()))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("child printed no device: {stdout}"));
+
+    // Its nbdfuse still serves: this process finds the attachment and uses it.
+    let pid = nbdfuse_pid(&attacher, "vol-x");
+    assert!(process_alive(pid));
+    let listed = attacher.list().unwrap();
+    assert!(listed.len() == 1 && listed[0].healthy, "{listed:?}");
+    let a = attacher
+        .attach("vol-x", &server.uri, AttachMode::Fuse, false)
+        .unwrap();
+    assert_eq!(a.device, device);
+    let data = pattern(31, 128 << 10);
+    o_direct_write(&a.device, 4096, &data);
+    assert!(o_direct_read(&a.device, 4096, data.len()) == data);
+
+    // And detaches it, waiting for an nbdfuse that is not its child.
+    assert_eq!(attacher.detach("vol-x").unwrap(), DetachOutcome::Detached);
+    assert!(!process_alive(pid), "nbdfuse {pid} still runs");
+    assert_eq!(loopdev::backing_file(&device).unwrap(), None);
+}
+
 /// A 4096-aligned heap buffer for O_DIRECT.
 struct AlignedBuf {
     ptr: *mut u8,

@@ -411,8 +411,13 @@ impl Attacher {
     }
 
     /// Makes the device of an attached volume at least `new_size` bytes, returning its size.
-    /// A device already that large is left as is. A Fuse attachment cannot grow online
-    /// (nbdfuse reads the export size once, at start): [`HostError::GrowUnsupported`].
+    /// A device already that large is left as is. A Fuse attachment cannot grow online:
+    /// [`HostError::GrowUnsupported`]. nbdfuse (libnbd 1.14) takes the size from the NBD
+    /// handshake once, at start, and its FUSE `getattr` returns that value for ever; NBD has
+    /// no message announcing a new size, and nbdfuse has no option or signal to reconnect.
+    /// `losetup -c` re-reads the file's size, so it sees the old size (checked: an nbdkit
+    /// `file` export grown from 32 to 64 MiB shows 64 MiB to a new connection, 32 MiB on the
+    /// nbdfuse file and, after `losetup -c`, on the loop device).
     pub fn grow_device(&self, volume_id: &str, new_size: u64) -> Result<u64> {
         let a = self.get(volume_id)?.ok_or_else(|| HostError::BadState {
             path: self.volume_dir(volume_id),
