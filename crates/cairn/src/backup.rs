@@ -355,18 +355,18 @@ fn progress_of(bar: &indicatif::ProgressBar) -> cairn_backup::Progress {
     })
 }
 
-struct CreateArgs {
-    volume: String,
-    snapshot: String,
-    name: String,
-    concurrency: usize,
-    compression: Compression,
-    full: bool,
+pub(crate) struct CreateArgs {
+    pub(crate) volume: String,
+    pub(crate) snapshot: String,
+    pub(crate) name: String,
+    pub(crate) concurrency: usize,
+    pub(crate) compression: Compression,
+    pub(crate) full: bool,
 }
 
 /// `cairn backup create --json`.
 #[derive(Debug, Serialize)]
-struct CreatedJson {
+pub(crate) struct CreatedJson {
     name: String,
     volume: String,
     snapshot: String,
@@ -498,7 +498,11 @@ fn src_size(src: &ReplicaSnapshot) -> u64 {
     src.size()
 }
 
-async fn create(addr: &str, target: &TargetArgs, a: &CreateArgs) -> anyhow::Result<CreatedJson> {
+pub(crate) async fn create(
+    addr: &str,
+    target: &TargetArgs,
+    a: &CreateArgs,
+) -> anyhow::Result<CreatedJson> {
     cairn_proto::validate_name("volume", &a.volume).map_err(|e| user_error(e.to_string()))?;
     cairn_proto::validate_name("snapshot", &a.snapshot).map_err(|e| user_error(e.to_string()))?;
     cairn_proto::validate_name("backup", &a.name).map_err(|e| user_error(e.to_string()))?;
@@ -586,14 +590,14 @@ async fn create(addr: &str, target: &TargetArgs, a: &CreateArgs) -> anyhow::Resu
 
 /// `cairn backup restore --json`.
 #[derive(Debug, Serialize)]
-struct RestoredJson {
+pub(crate) struct RestoredJson {
     backup: String,
     volume: String,
     #[serde(flatten)]
     result: cairn_backup::RestoreResult,
 }
 
-async fn restore(
+pub(crate) async fn restore(
     addr: &str,
     target: &TargetArgs,
     backup: &str,
@@ -627,7 +631,7 @@ async fn restore(
     })
 }
 
-async fn delete(
+pub(crate) async fn delete(
     addr: &str,
     target: &TargetArgs,
     backup: &str,

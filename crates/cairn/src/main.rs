@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod agent;
 mod backup;
 mod control;
+mod csi;
 mod dev;
 mod dev_cluster;
 mod member;
@@ -67,6 +68,21 @@ enum Command {
     /// volume, delete (garbage-collects unused blocks). Layout: docs/backup.md.
     #[command(subcommand)]
     Backup(backup::BackupCommand),
+    /// Serve the CSI v1 driver (`csi.cairn.io`) on a Unix socket: the Controller service
+    /// (volumes, attachments, snapshots, backups, expansion through meta), the Node service
+    /// (attach, format, mount, bind for pods), or both. See docs/kubernetes.md.
+    Csi(csi::CsiArgs),
+}
+
+impl Command {
+    /// Long-running servers, as opposed to one-shot commands.
+    fn is_daemon(&self) -> bool {
+        match self {
+            Command::Dev(_) | Command::Meta(_) | Command::Agent(_) | Command::Csi(_) => true,
+            Command::Replica(r) => r.is_daemon(),
+            _ => false,
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -80,10 +96,14 @@ fn main() -> ExitCode {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
     }
-    // Die quietly on a closed stdout (`cairn volume status | head`), as command-line tools do.
-    // SAFETY: setting a signal disposition to SIG_DFL before any thread starts.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
+    // A one-shot command dies quietly on a closed stdout (`cairn volume status | head`), as
+    // command-line tools do. A daemon keeps Rust's SIGPIPE = ignored: a peer that hangs up
+    // (a CSI probe, an NBD client) must cost it one connection (EPIPE), not the process.
+    if !cli.command.is_daemon() {
+        // SAFETY: setting a signal disposition to SIG_DFL before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -100,6 +120,7 @@ fn main() -> ExitCode {
         Command::Agent(a) => agent::run(a),
         Command::Snapshot(c) => snapshot::run(c),
         Command::Backup(c) => backup::run(c),
+        Command::Csi(a) => csi::run(a),
     };
     match result {
         Ok(code) => code,

@@ -35,7 +35,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The `--meta` flag shared by every command that talks to the metadata service.
 #[derive(Debug, Clone, Args)]
 pub struct MetaAddr {
-    /// `host:port` of any member of the metadata service (`cairn meta --listen`).
+    /// `host:port` of any member of the metadata service (`cairn meta --listen`), or several
+    /// separated by commas (calls go to any that is up).
     #[arg(long = "meta", value_name = "ADDR", default_value = DEFAULT_META)]
     pub addr: String,
 }
@@ -82,12 +83,32 @@ pub fn block_on<T>(fut: impl Future<Output = T>) -> anyhow::Result<T> {
 }
 
 /// A Meta client for `addr` (connects on first use). Must be called inside a runtime.
+/// `addr` may list several members separated by commas: calls then go to any member that
+/// is up (every member answers; followers forward writes to the leader).
 pub fn client(addr: &str) -> anyhow::Result<MetaClient<Channel>> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .with_context(|| format!("bad --meta address {addr:?}"))?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(CALL_TIMEOUT)
-        .connect_lazy();
+    let endpoint = |a: &str| {
+        anyhow::Ok(
+            tonic::transport::Endpoint::from_shared(format!("http://{a}"))
+                .with_context(|| format!("bad --meta address {a:?}"))?
+                .connect_timeout(Duration::from_secs(3))
+                .timeout(CALL_TIMEOUT),
+        )
+    };
+    let addrs: Vec<&str> = addr
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .collect();
+    let ch = match addrs.as_slice() {
+        [] => anyhow::bail!("bad --meta address {addr:?}: no address"),
+        [one] => endpoint(one)?.connect_lazy(),
+        many => Channel::balance_list(
+            many.iter()
+                .map(|a| endpoint(a))
+                .collect::<anyhow::Result<Vec<_>>>()?
+                .into_iter(),
+        ),
+    };
     Ok(MetaClient::new(ch))
 }
 

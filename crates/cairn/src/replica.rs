@@ -71,6 +71,13 @@ pub enum ReplicaCommand {
     },
 }
 
+impl ReplicaCommand {
+    /// `serve` runs until stopped; the others are one-shot tools.
+    pub fn is_daemon(&self) -> bool {
+        matches!(self, ReplicaCommand::Serve { .. })
+    }
+}
+
 pub fn run(cmd: ReplicaCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         ReplicaCommand::List {

@@ -97,7 +97,7 @@ pub enum SnapshotCommand {
 
 /// `cairn snapshot create --json`.
 #[derive(Debug, Serialize)]
-struct CreatedJson {
+pub(crate) struct CreatedJson {
     name: String,
     volume: String,
     pause_us: u64,
@@ -245,7 +245,7 @@ async fn engine_list(endpoint: SocketAddr, volume: &str) -> anyhow::Result<Vec<S
     }
 }
 
-async fn create_async(
+pub(crate) async fn create_async(
     addr: &str,
     volume: &str,
     name: &str,
@@ -423,7 +423,7 @@ fn list(volume: &str, json: bool, meta: &MetaAddr) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn delete_async(addr: &str, volume: &str, name: &str) -> anyhow::Result<()> {
+pub(crate) async fn delete_async(addr: &str, volume: &str, name: &str) -> anyhow::Result<()> {
     let mut client = records::client(addr)?;
     let v = volume_record(&mut client, addr, volume).await?;
     let rec = snapshot_record(&mut client, addr, name).await?;

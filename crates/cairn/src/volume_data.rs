@@ -280,7 +280,7 @@ pub struct NewVolume {
 
 /// The node to fill `v` through: `wanted`, or an up node holding one of its replicas
 /// (the writes then have one fewer network hop), or any up node serving NBD.
-async fn fill_node(meta: &str, v: &Volume, wanted: Option<&str>) -> anyhow::Result<String> {
+pub async fn fill_node(meta: &str, v: &Volume, wanted: Option<&str>) -> anyhow::Result<String> {
     if let Some(n) = wanted {
         return Ok(n.to_owned());
     }

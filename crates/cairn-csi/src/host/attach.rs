@@ -195,6 +195,9 @@ pub struct AttachConfig {
     pub detach_timeout: Duration,
     /// Loop device with `--direct-io=on` (default true): no second page cache.
     pub direct_io: bool,
+    /// Logical sector size of the loop device (default 4096: Cairn exports refuse I/O that
+    /// is not 4 KiB aligned, and nbdfuse passes requests through unchanged).
+    pub sector_size: u32,
 }
 
 impl AttachConfig {
@@ -206,6 +209,7 @@ impl AttachConfig {
             ready_timeout: Duration::from_secs(30),
             detach_timeout: Duration::from_secs(30),
             direct_io: true,
+            sector_size: 4096,
         }
     }
 }
@@ -570,6 +574,7 @@ impl Attacher {
             LoopOptions {
                 direct_io: self.cfg.direct_io,
                 read_only,
+                sector_size: Some(self.cfg.sector_size),
             },
         )
     }

@@ -22,6 +22,9 @@ pub struct LoopOptions {
     pub direct_io: bool,
     /// `--read-only`.
     pub read_only: bool,
+    /// `--sector-size N` (logical block size); `None`: the kernel's 512. A Cairn export
+    /// refuses I/O not aligned to 4096 bytes, so its devices use 4096.
+    pub sector_size: Option<u32>,
 }
 
 /// Attaches `file` to a free loop device and returns the device (`/dev/loopN`).
@@ -32,6 +35,9 @@ pub fn attach(file: &Path, opts: LoopOptions) -> Result<PathBuf> {
     }
     if opts.read_only {
         cmd = cmd.arg("--read-only");
+    }
+    if let Some(n) = opts.sector_size {
+        cmd = cmd.arg("--sector-size").arg(n.to_string());
     }
     let out = cmd.arg(file).run()?;
     let dev = out.trim();

@@ -437,11 +437,14 @@ impl RawConn {
 
 // The cluster tests' helpers (`cairn dev`, network namespaces, real clients, an NBD client).
 mod cluster;
+mod csi;
 mod nbd;
 mod nodes;
 mod s3;
 #[allow(unused_imports)] // Test binaries that start no cluster use neither.
 pub use cluster::*;
+#[allow(unused_imports)]
+pub use csi::*;
 #[allow(unused_imports)]
 pub use nbd::*;
 #[allow(unused_imports)]
