@@ -8,6 +8,9 @@
 //! - it keeps each engine's replica set equal to the volume's replica records (adds new
 //!   ones, which the engine rebuilds; removes deleted ones) and writes the engine's view of
 //!   each replica (RW / WO / ERR) back to its record before the engine goes on;
+//! - it grows a running engine online when the volume record's size grows (`cairn volume
+//!   expand`): the replicas first, then the engine's size, which new NBD connections see
+//!   (a detached volume's replicas grow when its next engine starts);
 //! - it stops what meta no longer wants: an engine whose volume is detached or moved, the
 //!   data of a replica meta marked `deleted` (and then deletes that record). It never
 //!   deletes replica data that meta has not marked deleted.

@@ -82,7 +82,8 @@ enum Event {
     Stopped {
         volume: String,
     },
-    /// A replica task (delete data, add to or remove from an engine) ended.
+    /// A replica or volume task (delete data, add to or remove from an engine, grow an
+    /// engine) ended.
     ReplicaDone {
         key: String,
         error: Option<String>,
@@ -103,8 +104,11 @@ pub(crate) struct Reconciler {
     server: cairn_replica::ServerHandle,
     view: View,
     running: HashMap<String, EngineState>,
-    /// Replica tasks in flight, by key (`delete/<replica>`, `add/<volume>/<replica>`, ...).
+    /// Replica and volume tasks in flight, by key (`delete/<replica>`,
+    /// `add/<volume>/<replica>`, `grow/<volume>`, ...).
     busy: BTreeSet<String>,
+    /// Conditions already logged once (a record smaller than its engine).
+    warned: BTreeSet<String>,
     /// Failed tasks wait until this instant before they are tried again.
     retry_at: Option<tokio::time::Instant>,
     backoff: Duration,
@@ -130,6 +134,7 @@ impl Reconciler {
             view: View::default(),
             running: HashMap::new(),
             busy: BTreeSet::new(),
+            warned: BTreeSet::new(),
             retry_at: None,
             backoff: Duration::from_secs(1),
             tx,
@@ -351,6 +356,7 @@ impl Reconciler {
                 Some(EngineState::Running(engine)) => {
                     let engine = engine.clone();
                     self.sync_replicas(volume, &engine);
+                    self.sync_size(volume, &engine);
                 }
                 Some(EngineState::Starting | EngineState::Stopping) => {}
             }
@@ -423,6 +429,40 @@ impl Reconciler {
                     let _ = tx.send(Event::ReplicaDone { key, error });
                 });
             }
+        }
+    }
+
+    /// Grows a running engine (its replicas, then its size and NBD export) to the volume
+    /// record's size when the record is larger: `cairn volume expand` writes the record,
+    /// this carries it out online. A record smaller than the engine is never acted on
+    /// (volumes do not shrink).
+    fn sync_size(&mut self, volume: &str, engine: &Arc<Engine>) {
+        let Some(wanted) = self.view.volumes.get(volume).map(|v| v.size_bytes) else {
+            return;
+        };
+        let current = engine.current_size();
+        if wanted < current {
+            let key = format!("shrink/{volume}/{wanted}");
+            if self.warned.insert(key) {
+                tracing::warn!(%volume, record = wanted, engine = current, "volume record is smaller than the running engine; volumes do not shrink, ignored");
+            }
+            return;
+        }
+        if wanted == current {
+            return;
+        }
+        let key = format!("grow/{volume}");
+        if self.busy.insert(key.clone()) {
+            let (engine, tx, volume) = (engine.clone(), self.tx.clone(), volume.to_owned());
+            tokio::spawn(async move {
+                tracing::info!(%volume, from = current, to = wanted, "growing the volume online");
+                let error = engine.grow(wanted).await.err().map(|e| e.to_string());
+                if error.is_some() {
+                    // The next pass tries again: not at once.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                let _ = tx.send(Event::ReplicaDone { key, error });
+            });
         }
     }
 
