@@ -1057,3 +1057,220 @@ fn argument_validation_and_error_codes() {
         delete_twice(&s.a, "pvc-args").await;
     });
 }
+
+/// Snapshots as Kubernetes takes them: a `type: snap` VolumeSnapshot of a mounted volume, a
+/// new volume from it and a clone of the volume itself, and a `type: backup` VolumeSnapshot
+/// to S3 (s3s-fs) restored into a third volume. Each new volume, mounted on node-2, holds
+/// exactly the files of the source at the time of the snapshot.
+#[test]
+fn snapshot_clone_and_backup_restore_hold_the_same_files() {
+    let Some(s) = setup() else { return };
+    let Some(s3) = S3Server::start(&s.dir.join("s3"), "csi-backups") else {
+        return;
+    };
+    runtime().block_on(async {
+        let cap = mount_cap("ext4");
+        let mut c = s.a.controller().await;
+        c.create_volume(create_req("pvc-src", 32 * MIB, cap.clone()))
+            .await
+            .unwrap();
+        let p = paths(&s.dir, "node-1", "pvc-src", "pod-src");
+        bring_up(&s.a, &s.a, "pvc-src", &cap, &p).await;
+        write_files(&p.target);
+
+        // A local snapshot of the published volume, taken twice (idempotent).
+        let snap_req = pb::CreateSnapshotRequest {
+            source_volume_id: "pvc-src".into(),
+            name: "snapshot-1".into(),
+            parameters: HashMap::from([("type".into(), "snap".into())]),
+            ..Default::default()
+        };
+        let snap = c
+            .create_snapshot(snap_req.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap();
+        assert!(snap.ready_to_use);
+        assert_eq!(snap.source_volume_id, "pvc-src");
+        assert_eq!(snap.size_bytes, 32 * MIB);
+        let again = c
+            .create_snapshot(snap_req)
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap();
+        assert_eq!(again.snapshot_id, snap.snapshot_id);
+
+        // A backup to S3, credentials from the snapshotter secrets; ready once uploaded.
+        let secrets = HashMap::from([
+            ("endpoint".to_owned(), s3.endpoint()),
+            ("region".to_owned(), S3_REGION.to_owned()),
+            ("access_key_id".to_owned(), S3_ACCESS_KEY.to_owned()),
+            ("secret_access_key".to_owned(), S3_SECRET_KEY.to_owned()),
+        ]);
+        let backup_req = pb::CreateSnapshotRequest {
+            source_volume_id: "pvc-src".into(),
+            name: "backup-1".into(),
+            parameters: HashMap::from([
+                ("type".into(), "backup".into()),
+                ("target".into(), s3.url("cluster")),
+            ]),
+            secrets: secrets.clone(),
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let backup = loop {
+            let b = c
+                .create_snapshot(backup_req.clone())
+                .await
+                .unwrap()
+                .into_inner()
+                .snapshot
+                .unwrap();
+            assert_eq!(b.snapshot_id, "backup:backup-1");
+            if b.ready_to_use {
+                break b;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "backup-1 not ready after 120 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        };
+        // Files written after the snapshots are in neither copy.
+        std::fs::write(p.target.join("later.txt"), b"after the snapshots").unwrap();
+        tear_down(&s.a, &s.a, "pvc-src", &p).await;
+
+        let from = |name: &str, source: pb::volume_content_source::Type| pb::CreateVolumeRequest {
+            volume_content_source: Some(pb::VolumeContentSource {
+                r#type: Some(source),
+            }),
+            secrets: secrets.clone(),
+            ..create_req(name, 32 * MIB, cap.clone())
+        };
+        let sources = [
+            (
+                "pvc-from-snap",
+                pb::volume_content_source::Type::Snapshot(
+                    pb::volume_content_source::SnapshotSource {
+                        snapshot_id: snap.snapshot_id.clone(),
+                    },
+                ),
+            ),
+            (
+                "pvc-from-backup",
+                pb::volume_content_source::Type::Snapshot(
+                    pb::volume_content_source::SnapshotSource {
+                        snapshot_id: backup.snapshot_id.clone(),
+                    },
+                ),
+            ),
+            (
+                "pvc-clone",
+                pb::volume_content_source::Type::Volume(pb::volume_content_source::VolumeSource {
+                    volume_id: "pvc-src".into(),
+                }),
+            ),
+        ];
+        for (name, source) in sources {
+            let v = c
+                .create_volume(from(name, source.clone()))
+                .await
+                .unwrap()
+                .into_inner()
+                .volume
+                .unwrap();
+            assert!(v.content_source.is_some(), "{name}: content source echoed");
+            let again = c
+                .create_volume(from(name, source))
+                .await
+                .unwrap()
+                .into_inner()
+                .volume
+                .unwrap();
+            assert_eq!(again.volume_id, v.volume_id, "{name}: idempotent");
+            let p2 = paths(&s.dir, "node-2", name, "pod-2");
+            bring_up(&s.a, &s.b, name, &cap, &p2).await;
+            assert_files(&p2.target, name);
+            let later = p2.target.join("later.txt").exists();
+            // The clone copies the volume as it is now; the snapshot and backup as before.
+            assert_eq!(
+                later,
+                name == "pvc-clone",
+                "{name}: later.txt present: {later}"
+            );
+            tear_down(&s.a, &s.b, name, &p2).await;
+            delete_twice(&s.a, name).await;
+        }
+        // The clone's temporary snapshot is gone; the two taken by the CO are listed.
+        let listed: Vec<String> = c
+            .list_snapshots(pb::ListSnapshotsRequest {
+                source_volume_id: "pvc-src".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+            .into_iter()
+            .map(|e| e.snapshot.unwrap().snapshot_id)
+            .collect();
+        assert_eq!(
+            listed,
+            vec![
+                "backup:backup-1".to_owned(),
+                "pvc-src/backup-1".to_owned(),
+                "pvc-src/snapshot-1".to_owned()
+            ]
+        );
+        assert!(
+            files_under(&s3.dir("cluster").join("blocks")) > 0,
+            "the backup's blocks are in the bucket"
+        );
+        for id in [&backup.snapshot_id, &snap.snapshot_id] {
+            for _ in 0..2 {
+                c.delete_snapshot(pb::DeleteSnapshotRequest {
+                    snapshot_id: id.clone(),
+                    secrets: secrets.clone(),
+                })
+                .await
+                .unwrap();
+            }
+        }
+        let left = c
+            .list_snapshots(pb::ListSnapshotsRequest {
+                source_volume_id: "pvc-src".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(left.entries.is_empty(), "{left:?}");
+        assert_eq!(
+            files_under(&s3.dir("cluster").join("blocks")),
+            0,
+            "the deleted backup's blocks are garbage-collected"
+        );
+        delete_twice(&s.a, "pvc-src").await;
+    });
+}
+
+/// Regular files under `dir`, recursively (0 when it does not exist).
+fn files_under(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            let path = e.path();
+            if path.is_dir() {
+                files_under(&path)
+            } else {
+                1
+            }
+        })
+        .sum()
+}
