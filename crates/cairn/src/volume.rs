@@ -908,7 +908,6 @@ pub const EXPAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(6
 /// until the attached node's engine serves the new size. The current size is a no-op
 /// success (it still waits for an attached engine that has not caught up). Errors that
 /// are the caller's carry an [`ExpandError`].
-#[allow(dead_code)] // Called by the CSI controller (ControllerExpandVolume).
 pub async fn expand_async(meta_addr: &str, name: &str, new_size: u64) -> anyhow::Result<u64> {
     expand_with_timeout(meta_addr, name, new_size, EXPAND_TIMEOUT).await
 }

@@ -180,9 +180,9 @@ impl ControllerService {
         // A restore takes the backup's size; the request may ask for more.
         if let Some(v) = self.volume(name).await? {
             if v.size_bytes < size {
-                expand_volume(&self.meta, name, size)
+                volume::expand_async(&self.meta, name, size)
                     .await
-                    .map_err(internal)?;
+                    .map_err(expand_status)?;
             }
         }
         Ok(())
@@ -323,6 +323,19 @@ fn target_args(target: &str, secrets: &HashMap<String, String>) -> TargetArgs {
         s3_access_key_id: secrets.get("access_key_id").cloned(),
         s3_secret_access_key: secrets.get("secret_access_key").cloned(),
         target_config: None,
+    }
+}
+
+/// An expansion error as the CSI specification codes it.
+fn expand_status(e: anyhow::Error) -> Status {
+    use volume::ExpandError;
+    let msg = format!("{e:#}");
+    match e.downcast_ref::<ExpandError>() {
+        Some(ExpandError::NotFound(_)) => Status::not_found(msg),
+        Some(ExpandError::BadSize(_) | ExpandError::Shrink { .. }) => Status::out_of_range(msg),
+        Some(ExpandError::Deleting(_)) => Status::failed_precondition(msg),
+        Some(ExpandError::NotServed { .. }) => Status::unavailable(msg),
+        _ => internal(e),
     }
 }
 
@@ -1024,9 +1037,9 @@ impl Controller for ControllerService {
         let capacity = if v.size_bytes >= size {
             v.size_bytes
         } else {
-            expand_volume(&self.meta, &v.name, size)
+            volume::expand_async(&self.meta, &v.name, size)
                 .await
-                .map_err(internal)?
+                .map_err(expand_status)?
         };
         Ok(Response::new(pb::ControllerExpandVolumeResponse {
             capacity_bytes: i64::try_from(capacity).unwrap_or(i64::MAX),
@@ -1075,11 +1088,6 @@ impl ControllerService {
             volume: Some(vol),
         }))
     }
-}
-
-/// TEMPORARY until volume::expand_async lands.
-async fn expand_volume(_meta: &str, name: &str, _size: u64) -> anyhow::Result<u64> {
-    anyhow::bail!("expanding {name}: not available yet")
 }
 
 #[cfg(test)]
