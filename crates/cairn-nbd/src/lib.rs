@@ -143,7 +143,9 @@ impl<D: BlockDevice> Export<D> {
 }
 
 /// An NBD server with a set of named exports, which may change while it serves: a client
-/// sees the exports as they are when its handshake starts.
+/// sees the exports as they are when its handshake starts, sizes included. A device that
+/// grows (a volume expanded online) is seen at its new size by new connections only: NBD
+/// cannot tell an open connection, which keeps its handshake's size (tests/resize.rs).
 pub struct NbdServer<D: BlockDevice> {
     exports: std::sync::RwLock<Vec<Export<D>>>,
 }
