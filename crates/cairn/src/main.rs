@@ -13,6 +13,7 @@ mod dev;
 mod dev_cluster;
 mod member;
 mod meta;
+mod nbd_file;
 mod records;
 mod replica;
 mod snapshot;
@@ -72,6 +73,10 @@ enum Command {
     /// (volumes, attachments, snapshots, backups, expansion through meta), the Node service
     /// (attach, format, mount, bind for pods), or both. See docs/kubernetes.md.
     Csi(csi::CsiArgs),
+    /// Serve one NBD export as the file MOUNTPOINT/disk through FUSE, growing on SIGHUP (run
+    /// by `cairn csi` for attach mode cairn-fuse).
+    #[command(hide = true)]
+    NbdFile(nbd_file::NbdFileArgs),
 }
 
 impl Command {
@@ -121,6 +126,7 @@ fn main() -> ExitCode {
         Command::Snapshot(c) => snapshot::run(c),
         Command::Backup(c) => backup::run(c),
         Command::Csi(a) => csi::run(a),
+        Command::NbdFile(a) => nbd_file::run(a),
     };
     match result {
         Ok(code) => code,

@@ -1,8 +1,11 @@
 //! Attaching an NBD export as a local block device, by volume id.
 //!
-//! Mode [`AttachMode::Fuse`], for nodes without the kernel NBD driver: `nbdfuse` serves the
-//! export as the file `STATE_DIR/<volume>/fuse/disk` (a FUSE mount of its own), and a loop
-//! device (`losetup --find --show --direct-io=on`) turns that file into `/dev/loopN`.
+//! Modes [`AttachMode::Fuse`] and [`AttachMode::CairnFuse`], for nodes without the kernel NBD
+//! driver: a FUSE helper serves the export as the file `STATE_DIR/<volume>/fuse/disk` (a FUSE
+//! mount of its own), and a loop device (`losetup --find --show --direct-io=on`) turns that
+//! file into `/dev/loopN`. The helper is `nbdfuse` (`fuse`) or `cairn nbd-file`
+//! (`cairn-fuse`, [`super::nbdfile`]); both are handled by the same code (pidfile, log, mount,
+//! loop device, teardown), only the command line and the online growth differ.
 //!
 //! Guarantees:
 //! - Idempotent by volume id: attaching an attached volume (same URI, same read-only flag)
@@ -10,37 +13,42 @@
 //!   of one volume are serialised across threads and processes (a `flock` on
 //!   `STATE_DIR/.locks/<volume>`).
 //! - Restart-safe: what is attached is found again from `STATE_DIR` and the kernel alone
-//!   (the `attachment` file, nbdfuse's pidfile, the FUSE mount in mountinfo, the loop device
-//!   in `/sys/block/loop*/loop/backing_file`). nbdfuse runs in its own session (`setsid`), so
-//!   it outlives the `cairn csi` process that started it; a restarted one re-attaches what
-//!   it finds healthy and rebuilds what it finds half-done (a crash between the steps).
-//! - Waits are conditions with deadlines (pidfile written, loop device released, nbdfuse
-//!   exited), never fixed sleeps; a helper that dies is reported with its standard error
-//!   (kept in `STATE_DIR/<volume>/nbdfuse.log`).
+//!   (the `attachment` file, the helper's pidfile, the FUSE mount in mountinfo, the loop
+//!   device in `/sys/block/loop*/loop/backing_file`). The helper runs in its own session
+//!   (`setsid`), so it outlives the `cairn csi` process that started it; a restarted one
+//!   re-attaches what it finds healthy and rebuilds what it finds half-done (a crash between
+//!   the steps).
+//! - Waits are conditions with deadlines (pidfile written, loop device released, helper
+//!   exited, file grown), never fixed sleeps; a helper that dies is reported with its standard
+//!   error (kept in `STATE_DIR/<volume>/nbdfuse.log`; the pidfile is `nbdfuse.pid`, whichever
+//!   the helper).
 //! - A loop device in use (a mounted filesystem) is never detached: detach fails with
 //!   [`HostError::DeviceBusy`] and changes nothing.
 //!
-//! Assumes: root, FUSE and loop devices, `nbdfuse`, `losetup`, `fusermount3`. `STATE_DIR`
+//! Assumes: root, FUSE and loop devices, `nbdfuse` (mode `fuse`) or the `cairn` binary
+//! ([`AttachConfig::cairn`], mode `cairn-fuse`), `losetup`, `fusermount3`. `STATE_DIR`
 //! should be on a filesystem that does not survive a reboot (e.g. under `/run`), like the
 //! FUSE mounts and loop devices it describes; a state directory found after a reboot is
 //! stale and rebuilt on the next attach. A `cairn csi` that runs as PID 1 of a container must
 //! reap orphans (nbdfuse processes of an earlier incarnation exit as its children).
-//! nbdfuse reads the export size once: a Fuse attachment cannot grow online
-//! ([`Attacher::grow_device`]).
+//! nbdfuse reads the export size once: a `fuse` attachment cannot grow online; a `cairn-fuse`
+//! one can ([`Attacher::grow_device`]).
 //!
 //! Every method blocks (it runs tools and waits for them): call it from
 //! `tokio::task::spawn_blocking` in async code.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::cmd::{describe_status, tail, Cmd};
 use super::error::{HostError, Result};
@@ -51,8 +59,11 @@ use super::wait::poll;
 /// How a volume becomes a block device on this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttachMode {
-    /// nbdfuse + a loop device (no kernel NBD driver needed).
+    /// nbdfuse + a loop device (no kernel NBD driver needed); cannot grow online.
     Fuse,
+    /// `cairn nbd-file` + a loop device: like [`AttachMode::Fuse`], and the device grows
+    /// online when the export does.
+    CairnFuse,
     /// The kernel NBD driver, configured over netlink (`/dev/nbdN`).
     Kernel,
 }
@@ -72,12 +83,25 @@ impl AttachMode {
         AttachMode::Fuse
     }
 
-    /// `fuse` or `kernel`.
+    /// `fuse`, `cairn-fuse` or `kernel`.
     pub fn as_str(self) -> &'static str {
         match self {
             AttachMode::Fuse => "fuse",
+            AttachMode::CairnFuse => "cairn-fuse",
             AttachMode::Kernel => "kernel",
         }
+    }
+
+    /// The mode named `name` (what [`AttachMode::as_str`] returns).
+    fn from_name(name: &str) -> Option<AttachMode> {
+        [AttachMode::Fuse, AttachMode::CairnFuse, AttachMode::Kernel]
+            .into_iter()
+            .find(|m| m.as_str() == name)
+    }
+
+    /// Served by a FUSE helper process (nbdfuse or `cairn nbd-file`) and a loop device.
+    fn is_fuse(self) -> bool {
+        matches!(self, AttachMode::Fuse | AttachMode::CairnFuse)
     }
 }
 
@@ -90,15 +114,13 @@ impl std::fmt::Display for AttachMode {
 impl FromStr for AttachMode {
     type Err = String;
 
-    /// `fuse`, `kernel`, or `auto` ([`AttachMode::detect`]).
+    /// `fuse`, `cairn-fuse`, `kernel`, or `auto` ([`AttachMode::detect`]).
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
-            "fuse" => Ok(AttachMode::Fuse),
-            "kernel" => Ok(AttachMode::Kernel),
             "auto" => Ok(AttachMode::detect()),
-            other => Err(format!(
-                "unknown attach mode {other:?} (auto, fuse, kernel)"
-            )),
+            other => AttachMode::from_name(other).ok_or_else(|| {
+                format!("unknown attach mode {other:?} (auto, fuse, cairn-fuse, kernel)")
+            }),
         }
     }
 }
@@ -188,7 +210,11 @@ pub struct AttachConfig {
     pub state_dir: PathBuf,
     /// The nbdfuse program (`nbdfuse`, looked up in `PATH`).
     pub nbdfuse: PathBuf,
-    /// How long nbdfuse may take to connect and mount (default 30 s).
+    /// The `cairn` binary whose hidden `nbd-file` subcommand serves [`AttachMode::CairnFuse`]
+    /// (default: this process's executable, `std::env::current_exe`).
+    pub cairn: PathBuf,
+    /// How long the FUSE helper may take to connect and mount, and a `cairn-fuse` file to
+    /// show a grown export (default 30 s).
     pub ready_timeout: Duration,
     /// How long a detach waits for the loop device to be released and nbdfuse to exit
     /// (default 30 s); nbdfuse still running then is killed.
@@ -206,6 +232,7 @@ impl AttachConfig {
         AttachConfig {
             state_dir: state_dir.into(),
             nbdfuse: PathBuf::from("nbdfuse"),
+            cairn: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("cairn")),
             ready_timeout: Duration::from_secs(30),
             detach_timeout: Duration::from_secs(30),
             direct_io: true,
@@ -240,9 +267,9 @@ pub struct AttachmentState {
     pub read_only: bool,
     /// The block device, if one is set up.
     pub device: Option<PathBuf>,
-    /// The nbdfuse process is running.
+    /// The FUSE helper (nbdfuse or `cairn nbd-file`) is running.
     pub helper_alive: bool,
-    /// nbdfuse running, its FUSE mount present and a device set up: usable as is.
+    /// The helper running, its FUSE mount present and a device set up: usable as is.
     pub healthy: bool,
 }
 
@@ -259,7 +286,7 @@ pub enum DetachOutcome {
 #[derive(Debug)]
 pub struct Attacher {
     cfg: AttachConfig,
-    /// nbdfuse processes this process started, kept to reap them.
+    /// FUSE helper processes this process started, kept to reap them.
     children: Mutex<HashMap<String, Child>>,
 }
 
@@ -269,6 +296,8 @@ const LOG_FILE: &str = "nbdfuse.log";
 const FUSE_DIR: &str = "fuse";
 const DISK: &str = "disk";
 const LOCKS: &str = ".locks";
+/// How often [`Attacher::grow_device`] repeats its `SIGHUP` while the file has not grown.
+const RESIZE_SIGNAL_EVERY: Duration = Duration::from_secs(1);
 
 impl Attacher {
     /// An attacher with default settings and state under `state_dir` (created).
@@ -295,8 +324,8 @@ impl Attacher {
 
     /// Attaches export `uri` as volume `volume_id` and returns its block device. Attaching an
     /// attached volume returns the same device; the same id with another URI, mode or
-    /// read-only flag is [`HostError::AttachConflict`]. A half-done or dead attachment (nbdfuse
-    /// gone) is torn down and made again; if its old device is still in use that fails with
+    /// read-only flag is [`HostError::AttachConflict`]. A half-done or dead attachment (FUSE
+    /// helper gone) is torn down and made again; if its old device is still in use that fails with
     /// [`HostError::DeviceBusy`].
     pub fn attach(
         &self,
@@ -307,7 +336,7 @@ impl Attacher {
     ) -> Result<Attachment> {
         validate_volume_id(volume_id)?;
         let uri = NbdUri::parse(uri)?;
-        if mode == AttachMode::Kernel {
+        if !mode.is_fuse() {
             return attach_kernel(volume_id, &uri, read_only);
         }
         self.reap();
@@ -357,7 +386,7 @@ impl Attacher {
     }
 
     /// Detaches volume `volume_id`: loop device(s) released (`losetup -d`, waiting until the
-    /// kernel lets go), FUSE mount unmounted (`fusermount3 -u`), nbdfuse exited (killed past
+    /// kernel lets go), FUSE mount unmounted (`fusermount3 -u`), the helper exited (killed past
     /// the deadline), state directory removed. Not attached: [`DetachOutcome::NotAttached`].
     /// A device still in use (mounted): [`HostError::DeviceBusy`], nothing changed.
     pub fn detach(&self, volume_id: &str) -> Result<DetachOutcome> {
@@ -382,11 +411,12 @@ impl Attacher {
         if !dir.exists() {
             return Ok(None);
         }
+        let mode = read_state(&dir).map_or(AttachMode::Fuse, |s| s.mode);
         let st = self.inspect(volume_id, &dir)?;
         Ok(match (st.healthy, st.device, st.uri) {
             (true, Some(device), Some(uri)) => Some(Attachment {
                 volume_id: volume_id.into(),
-                mode: AttachMode::Fuse,
+                mode,
                 uri,
                 read_only: st.read_only,
                 device,
@@ -415,8 +445,14 @@ impl Attacher {
     }
 
     /// Makes the device of an attached volume at least `new_size` bytes, returning its size.
-    /// A device already that large is left as is. A Fuse attachment cannot grow online:
-    /// [`HostError::GrowUnsupported`]. nbdfuse (libnbd 1.14) takes the size from the NBD
+    /// A device already that large is left as is.
+    ///
+    /// [`AttachMode::CairnFuse`]: sends `SIGHUP` to the `cairn nbd-file` helper (again every
+    /// second while waiting, in case the export had not grown yet), waits until the FUSE file
+    /// reports at least `new_size` bytes (up to [`AttachConfig::ready_timeout`]; the helper's
+    /// log on timeout), runs `losetup -c` and returns the device's new size.
+    ///
+    /// [`AttachMode::Fuse`] cannot grow online: [`HostError::GrowUnsupported`]. nbdfuse (libnbd 1.14) takes the size from the NBD
     /// handshake once, at start, and its FUSE `getattr` returns that value for ever; NBD has
     /// no message announcing a new size, and nbdfuse has no option or signal to reconnect.
     /// `losetup -c` re-reads the file's size, so it sees the old size (checked: an nbdkit
@@ -431,20 +467,77 @@ impl Attacher {
         if size >= new_size {
             return Ok(size);
         }
-        Err(HostError::GrowUnsupported {
-            volume: volume_id.into(),
-            mode: a.mode.as_str(),
-        })
+        if a.mode != AttachMode::CairnFuse {
+            return Err(HostError::GrowUnsupported {
+                volume: volume_id.into(),
+                mode: a.mode.as_str(),
+            });
+        }
+        let _lock = self.lock(volume_id)?;
+        let dir = self.volume_dir(volume_id);
+        let fuse = dir.join(FUSE_DIR);
+        let disk = fuse.join(DISK);
+        let pid = read_pid(&dir.join(PID_FILE))
+            .filter(|p| pid_is_helper(*p, &fuse))
+            .and_then(|p| i32::try_from(p).ok())
+            .ok_or_else(|| HostError::BadState {
+                path: dir.clone(),
+                why: "the cairn nbd-file helper is not running".into(),
+            })?;
+        tracing::info!(
+            volume = volume_id,
+            pid,
+            new_size,
+            "asking cairn nbd-file to resize"
+        );
+        let mut signalled: Option<Instant> = None;
+        let file_size = poll(
+            &format!("FUSE file of volume {volume_id} to reach {new_size} bytes",),
+            self.cfg.ready_timeout,
+            || {
+                if signalled.is_none_or(|t| t.elapsed() >= RESIZE_SIGNAL_EVERY) {
+                    // SAFETY: kill(2) has no memory effects; pid was checked to be our helper.
+                    if unsafe { libc::kill(pid, libc::SIGHUP) } < 0 {
+                        return Err(HostError::HelperExited {
+                            volume: volume_id.into(),
+                            status: format!(
+                                "cannot signal pid {pid}: {}",
+                                std::io::Error::last_os_error()
+                            ),
+                            stderr: read_log(&dir),
+                        });
+                    }
+                    signalled = Some(Instant::now());
+                }
+                let len = std::fs::metadata(&disk)
+                    .map_err(|e| HostError::io("stat", &disk, e))?
+                    .len();
+                Ok((len >= new_size).then_some(len))
+            },
+            || read_log(&dir),
+        )?;
+        loopdev::set_capacity(&a.device)?;
+        let size = super::mount::block_device_size(&a.device)?;
+        if size < new_size {
+            return Err(HostError::BadState {
+                path: a.device.clone(),
+                why: format!(
+                    "after losetup -c the device has {size} bytes, its file {file_size}, wanted {new_size}"
+                ),
+            });
+        }
+        tracing::info!(volume = volume_id, device = %a.device.display(), size, "device grown");
+        Ok(size)
     }
 
-    /// Reaps nbdfuse children of this process that have exited (their attachment was torn
+    /// Reaps FUSE helper children of this process that have exited (their attachment was torn
     /// down by another process, or they died), so none lingers as a zombie.
     fn reap(&self) {
         let mut children = self.children.lock().unwrap_or_else(|p| p.into_inner());
         children.retain(|volume, c| match c.try_wait() {
             Ok(None) => true,
             Ok(Some(status)) => {
-                tracing::debug!(volume, %status, "reaped nbdfuse");
+                tracing::debug!(volume, %status, "reaped a FUSE helper");
                 false
             }
             Err(_) => false,
@@ -466,7 +559,7 @@ impl Attacher {
     }
 
     /// A live attachment's device, setting up the loop device if the previous attach
-    /// stopped before it. `None` if nbdfuse or its mount is gone.
+    /// stopped before it. `None` if the helper or its mount is gone.
     fn resume(&self, volume_id: &str, dir: &Path, read_only: bool) -> Result<Option<PathBuf>> {
         let fuse = dir.join(FUSE_DIR);
         if !helper_alive(dir) || !mountinfo::is_mount_point(&fuse)? {
@@ -484,7 +577,7 @@ impl Attacher {
         }
         tracing::info!(
             volume = volume_id,
-            "nbdfuse runs but no loop device; setting it up"
+            "the FUSE helper runs but no loop device; setting it up"
         );
         Ok(Some(self.loop_attach(&disk, read_only)?))
     }
@@ -506,16 +599,8 @@ impl Attacher {
             .try_clone()
             .map_err(|e| HostError::io("dup", &log_path, e))?;
         let disk = fuse.join(DISK);
-        let mut cmd = Command::new(&self.cfg.nbdfuse);
-        cmd.arg("-P").arg(&pidfile);
-        if st.read_only {
-            cmd.arg("-r");
-        }
-        cmd.arg(&disk)
-            .arg(&st.uri)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2);
+        let (mut cmd, line) = self.helper_command(st, &pidfile, &fuse);
+        cmd.stdin(Stdio::null()).stdout(log).stderr(log2);
         // SAFETY: the closure runs in the forked child before exec and calls only setsid(2),
         // which is async-signal-safe; it touches no memory of the parent.
         unsafe {
@@ -526,22 +611,14 @@ impl Attacher {
                 Ok(())
             });
         }
-        let line = format!(
-            "{} -P {} {}{} {}",
-            self.cfg.nbdfuse.display(),
-            pidfile.display(),
-            if st.read_only { "-r " } else { "" },
-            disk.display(),
-            st.uri
-        );
-        tracing::info!(volume = volume_id, command = %line, "starting nbdfuse");
+        tracing::info!(volume = volume_id, command = %line, "starting the FUSE helper");
         let mut child = cmd.spawn().map_err(|source| HostError::Spawn {
             command: line,
             source,
         })?;
         let pid = child.id();
         let ready = poll(
-            &format!("nbdfuse for volume {volume_id} to serve {}", st.uri),
+            &format!("{} for volume {volume_id} to serve {}", st.mode, st.uri),
             self.cfg.ready_timeout,
             || {
                 if let Some(status) = child
@@ -568,6 +645,41 @@ impl Attacher {
         Ok(dev)
     }
 
+    /// The FUSE helper's command line for `st` (and how to log it): `nbdfuse -P PIDFILE [-r]
+    /// FUSE/disk URI` or `cairn nbd-file --pidfile PIDFILE [--read-only] FUSE URI`.
+    fn helper_command(&self, st: &State, pidfile: &Path, fuse: &Path) -> (Command, String) {
+        let (program, args): (&Path, Vec<&OsStr>) = if st.mode == AttachMode::CairnFuse {
+            let mut args = vec![OsStr::new("nbd-file"), OsStr::new("--pidfile")];
+            args.push(pidfile.as_os_str());
+            if st.read_only {
+                args.push(OsStr::new("--read-only"));
+            }
+            args.push(fuse.as_os_str());
+            (&self.cfg.cairn, args)
+        } else {
+            let mut args = vec![OsStr::new("-P"), pidfile.as_os_str()];
+            if st.read_only {
+                args.push(OsStr::new("-r"));
+            }
+            (&self.cfg.nbdfuse, args)
+        };
+        let disk = fuse.join(DISK);
+        let mut cmd = Command::new(program);
+        cmd.args(&args);
+        if st.mode != AttachMode::CairnFuse {
+            cmd.arg(&disk);
+        }
+        cmd.arg(&st.uri);
+        let line = std::iter::once(program.as_os_str())
+            .chain(args.iter().copied())
+            .chain((st.mode != AttachMode::CairnFuse).then_some(disk.as_os_str()))
+            .map(|a| a.to_string_lossy())
+            .chain(std::iter::once(st.uri.as_str().into()))
+            .collect::<Vec<_>>()
+            .join(" ");
+        (cmd, line)
+    }
+
     fn loop_attach(&self, disk: &Path, read_only: bool) -> Result<PathBuf> {
         loopdev::attach(
             disk,
@@ -587,14 +699,14 @@ impl Attacher {
         }
         let pid = read_pid(&dir.join(PID_FILE));
         if mountinfo::is_mount_point(&fuse)? {
-            tracing::info!(volume = volume_id, "unmounting nbdfuse");
+            tracing::info!(volume = volume_id, "unmounting the FUSE helper");
             if let Err(e) = Cmd::new("fusermount3").arg("-u").arg(&fuse).run() {
                 if mountinfo::is_mount_point(&fuse)? {
                     return Err(e);
                 }
             }
         }
-        self.wait_helper_exit(volume_id, pid)?;
+        self.wait_helper_exit(volume_id, pid, &fuse)?;
         match std::fs::remove_dir_all(dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(HostError::io("rm -r", dir, e))
@@ -605,8 +717,8 @@ impl Attacher {
         Ok(())
     }
 
-    /// Waits for nbdfuse to exit after its unmount; kills it past the deadline.
-    fn wait_helper_exit(&self, volume_id: &str, pid: Option<u32>) -> Result<()> {
+    /// Waits for the FUSE helper to exit after its unmount; kills it past the deadline.
+    fn wait_helper_exit(&self, volume_id: &str, pid: Option<u32>, fuse: &Path) -> Result<()> {
         let mut child = self
             .children
             .lock()
@@ -621,21 +733,21 @@ impl Attacher {
                     .try_wait()
                     .map_err(|e| HostError::io("wait", format!("pid {pid}"), e))?
                     .map(|_| ()),
-                None => (!pid_is_nbdfuse(pid)).then_some(()),
+                None => (!pid_is_helper(pid, fuse)).then_some(()),
             })
         };
-        let what = format!("nbdfuse (pid {pid}) of volume {volume_id} to exit");
+        let what = format!("FUSE helper (pid {pid}) of volume {volume_id} to exit");
         if poll(&what, self.cfg.detach_timeout, &mut exited, String::new).is_ok() {
             return Ok(());
         }
         tracing::warn!(
             volume = volume_id,
             pid,
-            "nbdfuse did not exit after its unmount; killing it"
+            "FUSE helper did not exit after its unmount; killing it"
         );
-        if pid_is_nbdfuse(pid) {
+        if pid_is_helper(pid, fuse) {
             if let Ok(p) = i32::try_from(pid) {
-                // SAFETY: kill(2) has no memory effects; the pid was checked to be nbdfuse.
+                // SAFETY: kill(2) has no memory effects; the pid was checked to be the helper.
                 unsafe { libc::kill(p, libc::SIGKILL) };
             }
         }
@@ -764,10 +876,9 @@ fn parse_state(text: &str) -> std::result::Result<State, String> {
             .ok_or_else(|| format!("no {k}="))
     };
     Ok(State {
-        mode: match get("mode")? {
-            "fuse" => AttachMode::Fuse,
-            "kernel" => AttachMode::Kernel,
-            m => return Err(format!("unknown mode {m:?}")),
+        mode: {
+            let m = get("mode")?;
+            AttachMode::from_name(m).ok_or_else(|| format!("unknown mode {m:?}"))?
         },
         uri: get("uri")?.to_string(),
         read_only: match get("read_only")? {
@@ -782,13 +893,16 @@ fn read_pid(pidfile: &Path) -> Option<u32> {
     std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()
 }
 
-/// Whether the nbdfuse of this attachment runs.
+/// Whether the FUSE helper of this attachment runs.
 fn helper_alive(dir: &Path) -> bool {
-    read_pid(&dir.join(PID_FILE)).is_some_and(pid_is_nbdfuse)
+    let fuse = dir.join(FUSE_DIR);
+    read_pid(&dir.join(PID_FILE)).is_some_and(|pid| pid_is_helper(pid, &fuse))
 }
 
-/// Whether `pid` is a live (not zombie) process named nbdfuse: a recycled pid is not ours.
-fn pid_is_nbdfuse(pid: u32) -> bool {
+/// Whether `pid` is a live (not zombie) FUSE helper, so that a recycled pid is not taken for
+/// ours: a process named nbdfuse, or one whose arguments are `nbd-file` and the mount point
+/// `fuse` (`cairn nbd-file`; its name is that of whatever binary runs it).
+fn pid_is_helper(pid: u32, fuse: &Path) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };
@@ -798,7 +912,18 @@ fn pid_is_nbdfuse(pid: u32) -> bool {
     };
     let comm = head.split_once('(').map(|(_, c)| c).unwrap_or_default();
     let state = rest.trim_start().chars().next();
-    comm == "nbdfuse" && !matches!(state, Some('Z' | 'X' | 'x'))
+    if matches!(state, Some('Z' | 'X' | 'x')) {
+        return false;
+    }
+    if comm == "nbdfuse" {
+        return true;
+    }
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let mut args = cmdline.split(|b| *b == 0);
+    let want = fuse.as_os_str().as_bytes();
+    args.any(|a| a == b"nbd-file") && args.any(|a| a == want)
 }
 
 /// The end of nbdfuse's standard error.
@@ -871,6 +996,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         write_state(dir.path(), &st).unwrap();
         assert_eq!(read_state(dir.path()).unwrap(), st);
+        let st = State {
+            mode: AttachMode::CairnFuse,
+            ..st
+        };
+        write_state(dir.path(), &st).unwrap();
+        assert_eq!(read_state(dir.path()).unwrap(), st);
         assert!(parse_state("mode=fuse\nuri=x\n").is_err());
         assert!(parse_state("mode=tape\nuri=x\nread_only=0\n").is_err());
     }
@@ -879,13 +1010,21 @@ mod tests {
     fn modes_parse() {
         assert_eq!("fuse".parse::<AttachMode>().unwrap(), AttachMode::Fuse);
         assert_eq!("kernel".parse::<AttachMode>().unwrap(), AttachMode::Kernel);
+        assert_eq!(
+            "cairn-fuse".parse::<AttachMode>().unwrap(),
+            AttachMode::CairnFuse
+        );
+        for m in [AttachMode::Fuse, AttachMode::CairnFuse, AttachMode::Kernel] {
+            assert_eq!(m.to_string().parse::<AttachMode>().unwrap(), m);
+        }
         assert!("auto".parse::<AttachMode>().is_ok());
         assert!("nbd".parse::<AttachMode>().is_err());
     }
 
     #[test]
-    fn our_pid_is_not_nbdfuse() {
-        assert!(!pid_is_nbdfuse(std::process::id()));
-        assert!(!pid_is_nbdfuse(u32::MAX));
+    fn our_pid_is_not_a_helper() {
+        let fuse = Path::new("/run/cairn/vol/fuse");
+        assert!(!pid_is_helper(std::process::id(), fuse));
+        assert!(!pid_is_helper(u32::MAX, fuse));
     }
 }

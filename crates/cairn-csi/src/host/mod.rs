@@ -8,6 +8,7 @@
 //!   detach).
 //! - [`mountinfo`]: `/proc/self/mountinfo`, parsed (mount points, devices, options).
 //! - [`nbd_netlink`]: kernel NBD devices configured over generic netlink.
+//! - [`nbdfile`]: `cairn nbd-file`, an NBD export served as a FUSE file that can grow online.
 //!
 //! Every function here is synchronous and may block for seconds (it runs `mkfs`, `e2fsck`,
 //! `mount`, `losetup` and waits for them): async callers run it in
@@ -21,6 +22,7 @@ pub mod loopdev;
 pub mod mount;
 pub mod mountinfo;
 pub mod nbd_netlink;
+pub mod nbdfile;
 mod wait;
 
 pub use cmd::have_tool;

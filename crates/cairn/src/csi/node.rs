@@ -33,6 +33,8 @@ pub enum AttachModeArg {
     Auto,
     Kernel,
     Fuse,
+    /// `cairn nbd-file` + a loop device: like fuse, and grows online (NodeExpandVolume).
+    CairnFuse,
 }
 
 pub struct NodeService {
@@ -53,6 +55,7 @@ impl NodeService {
         let mode = match mode {
             AttachModeArg::Kernel => AttachMode::Kernel,
             AttachModeArg::Fuse => AttachMode::Fuse,
+            AttachModeArg::CairnFuse => AttachMode::CairnFuse,
             AttachModeArg::Auto => AttachMode::detect(),
         };
         let attacher = Attacher::new(&state_dir).map_err(|e| {
