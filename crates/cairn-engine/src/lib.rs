@@ -1066,8 +1066,25 @@ impl Engine {
         }
     }
 
+    /// `Some(error)` once a replica refused this engine's epoch as older than its own: another
+    /// engine attached (a publish on another node). From then on this engine serves no I/O,
+    /// so nothing it acknowledges can be lost to the new owner — not even a write that a
+    /// replica the new engine could not reach yet still accepted.
+    fn fenced(&self) -> Option<DevError> {
+        match self.superseded.load(Ordering::Relaxed) {
+            0 => None,
+            newer => Some(DevError::Io(format!(
+                "fenced: an engine with epoch {newer} owns the volume (this one has epoch {})",
+                self.cfg.epoch
+            ))),
+        }
+    }
+
     /// Sends `req` to every write target and waits for all of them.
     async fn fanout(&self, req: Request) -> Result<(), DevError> {
+        if let Some(e) = self.fenced() {
+            return Err(e);
+        }
         let range = match &req {
             Request::Write { offset, data, .. } => Some((*offset, data.len() as u64)),
             Request::WriteZeroes { offset, len, .. } | Request::Trim { offset, len, .. } => {
@@ -1123,6 +1140,9 @@ impl Engine {
                 self.write_wake.notify_one();
             }
             self.settled.store(false, Ordering::Relaxed);
+        }
+        if let Some(e) = self.fenced() {
+            return Err(e);
         }
         match outcome {
             Some(Outcome::Done) => Ok(()),
@@ -1221,6 +1241,9 @@ impl BlockDevice for Engine {
 
     async fn read(&self, offset: u64, len: u32) -> Result<Bytes, DevError> {
         self.check(offset, u64::from(len))?;
+        if let Some(e) = self.fenced() {
+            return Err(e);
+        }
         let order = lock(&self.set).read_order();
         let mut corrupt = Vec::new();
         for i in order {

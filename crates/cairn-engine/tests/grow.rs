@@ -3,6 +3,8 @@
 //! a superseded engine cannot grow, an engine started with a larger size grows smaller
 //! replicas, and a replica that missed the grow is grown when it is healed.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,29 +12,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cairn_blockdev::{BlockDevice, DevError};
-use cairn_engine::{
-    Engine, EngineConfig, GrowError, GrowStep, HealConfig, Mode, ReplicaRecord, ReplicaSpec,
-};
+use cairn_engine::{Engine, GrowError, GrowStep, Mode};
+use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const MIB: u64 = 1 << 20;
 const OLD: u64 = 4 * MIB;
 const NEW: u64 = 12 * MIB;
-
-/// A replica server on its own directory and loopback port, running until the test ends.
-fn replica_server(dir: &std::path::Path) -> SocketAddr {
-    let server = cairn_replica::Server::bind(cairn_replica::ServerConfig {
-        dir: dir.to_path_buf(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        engine: cairn_io::EngineChoice::Auto,
-        max_frame: cairn_wire::DEFAULT_MAX_FRAME,
-        checksums: true,
-    })
-    .unwrap();
-    let addr = server.local_addr().unwrap();
-    std::thread::spawn(move || server.run());
-    addr
-}
 
 /// A TCP proxy that stops passing engine -> replica bytes while frozen (a replica that no
 /// longer answers). Connections made after it thaws pass again.
@@ -79,61 +64,6 @@ async fn proxy(upstream: SocketAddr) -> Proxy {
         }
     });
     Proxy { addr, frozen }
-}
-
-struct Cluster {
-    _dirs: Vec<tempfile::TempDir>,
-    addrs: Vec<SocketAddr>,
-}
-
-fn cluster(n: usize) -> Cluster {
-    let dirs: Vec<tempfile::TempDir> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
-    let addrs = dirs.iter().map(|d| replica_server(d.path())).collect();
-    Cluster { _dirs: dirs, addrs }
-}
-
-fn config(addrs: &[SocketAddr], size: u64, epoch: u64, heal: bool) -> EngineConfig {
-    EngineConfig {
-        volume: "vol".into(),
-        size,
-        epoch,
-        replicas: addrs
-            .iter()
-            .enumerate()
-            .map(|(i, a)| ReplicaSpec {
-                id: format!("r{i}"),
-                addr: *a,
-                mode: Mode::Rw,
-            })
-            .collect(),
-        io_timeout: Duration::from_millis(800),
-        on_change: Arc::new(|_: Vec<ReplicaRecord>| Ok(())),
-        heal: HealConfig {
-            enabled: heal,
-            resync_window: Duration::from_secs(600),
-            rebuild_rate: 0,
-            flush_interval: None,
-        },
-    }
-}
-
-fn pattern(seed: u8, len: usize) -> Bytes {
-    Bytes::from(
-        (0..len)
-            .map(|i| seed.wrapping_add(u8::try_from(i % 251).unwrap_or(0)))
-            .collect::<Vec<u8>>(),
-    )
-}
-
-async fn read_all(e: &Engine, offset: u64, len: u64) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut at = offset;
-    while at < offset + len {
-        let n = (offset + len - at).min(MIB);
-        out.extend_from_slice(&e.read(at, u32::try_from(n).unwrap()).await.unwrap());
-        at += n;
-    }
-    out
 }
 
 /// Every RW replica's digest and size: all equal, of `size`.
