@@ -35,7 +35,7 @@ fn node_tools() -> bool {
 struct Setup {
     _tmp: tempfile::TempDir,
     dir: PathBuf,
-    _cluster: Cluster,
+    cluster: Cluster,
     /// Controller + node on node-1.
     a: CsiProc,
     /// Node on node-2.
@@ -54,7 +54,7 @@ fn setup() -> Option<Setup> {
     Some(Setup {
         _tmp: tmp,
         dir,
-        _cluster: cluster,
+        cluster,
         a,
         b,
     })
@@ -1273,4 +1273,87 @@ fn files_under(dir: &Path) -> usize {
             }
         })
         .sum()
+}
+
+/// Single-node access holds when the old node does not cooperate: node-1's agent is frozen
+/// (SIGSTOP) while the volume is published there, the CO force-unpublishes it and publishes
+/// it on node-2, then node-1 wakes up. A write node-1's engine then tries through its
+/// export must fail (fenced by the epoch), and node-2 reads the data as it was.
+#[test]
+fn forced_unpublish_fences_the_old_nodes_engine() {
+    let Some(s) = setup() else { return };
+    runtime().block_on(async {
+        let cap = block_cap();
+        let mut c = s.a.controller().await;
+        c.create_volume(create_req("pvc-rwo", 16 * MIB, cap.clone()))
+            .await
+            .unwrap();
+        let p1 = paths(&s.dir, "node-1", "pvc-rwo", "pod-1");
+        let ctx = bring_up(&s.a, &s.a, "pvc-rwo", &cap, &p1).await;
+        let before = content(21, 1 << 20);
+        write_block(&p1.target, 0, &before);
+        // A second client of node-1's export, as a pod on node-1 would keep using it.
+        let uri = ctx["nbdUri"].strip_prefix("nbd://").unwrap();
+        let (addr, export) = uri.split_once('/').unwrap();
+        let old = cairn_nbd::NbdClient::connect(addr.parse().unwrap(), export)
+            .await
+            .unwrap();
+        old.write(1 << 20, bytes::Bytes::from(content(22, 4096)))
+            .await
+            .expect("node-1 writes while it holds the volume");
+
+        let agent = s.cluster.agent_pid("node-1");
+        send_signal(agent, libc::SIGSTOP);
+        c.controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
+            volume_id: "pvc-rwo".into(),
+            node_id: "node-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let moved = c
+            .controller_publish_volume(pb::ControllerPublishVolumeRequest {
+                volume_id: "pvc-rwo".into(),
+                node_id: "node-2".into(),
+                volume_capability: Some(cap.clone()),
+                ..Default::default()
+            })
+            .await;
+        send_signal(agent, libc::SIGCONT);
+        let moved = moved.expect("publish on node-2 while node-1 is frozen");
+        assert_ne!(moved.into_inner().publish_context["nbdUri"], ctx["nbdUri"]);
+
+        let late = old.write(0, bytes::Bytes::from(content(23, 1 << 20))).await;
+        assert!(
+            late.is_err(),
+            "node-1's engine acknowledged a write after losing the volume"
+        );
+
+        let p2 = paths(&s.dir, "node-2", "pvc-rwo", "pod-2");
+        bring_up(&s.a, &s.b, "pvc-rwo", &cap, &p2).await;
+        assert!(
+            read_block(&p2.target, 0, 1 << 20) == before,
+            "node-2 reads what node-1 wrote before"
+        );
+        assert!(
+            read_block(&p2.target, 1 << 20, 4096) == content(22, 4096),
+            "and its last write"
+        );
+        tear_down(&s.a, &s.b, "pvc-rwo", &p2).await;
+        // node-1 cleans up its side (the CO unstages there once the node is back).
+        let mut n1 = s.a.node().await;
+        n1.node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+            volume_id: "pvc-rwo".into(),
+            target_path: p1.target.display().to_string(),
+        })
+        .await
+        .unwrap();
+        n1.node_unstage_volume(pb::NodeUnstageVolumeRequest {
+            volume_id: "pvc-rwo".into(),
+            staging_target_path: p1.staging.display().to_string(),
+        })
+        .await
+        .unwrap();
+        delete_twice(&s.a, "pvc-rwo").await;
+    });
 }
