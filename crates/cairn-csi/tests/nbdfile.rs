@@ -5,7 +5,8 @@
 //!
 //! The `cairn` binary is not built for this crate's tests, so the attacher runs this test
 //! binary instead, through a two-line script: `nbd_file_server_process` below is the server
-//! process (`cairn_csi::host::nbdfile::run` with the arguments after `nbd-file`).
+//! process (`cairn_csi::host::nbdfile::run` with the arguments after `nbd-file`). To run the
+//! tests against the real binary: `CAIRN_TEST_CAIRN_BIN=target/debug/cairn cargo test ...`.
 //!
 //! Needs root, loop devices and FUSE; each test prints `SKIP` and returns when a tool or
 //! privilege is missing. Every loop device, mount and process a test creates is released by a
@@ -60,7 +61,11 @@ fn nbd_file_server_process() {
 }
 
 /// Writes `dir/cairn`: a script that runs this test binary as the `cairn nbd-file` server.
+/// With `CAIRN_TEST_CAIRN_BIN` set, that binary is used instead (e.g. `target/debug/cairn`).
 fn fake_cairn(dir: &Path) -> PathBuf {
+    if let Some(real) = std::env::var_os("CAIRN_TEST_CAIRN_BIN") {
+        return PathBuf::from(real);
+    }
     let exe = std::env::current_exe().unwrap();
     let path = dir.join("cairn");
     std::fs::write(

@@ -666,7 +666,10 @@ impl Attacher {
         let disk = fuse.join(DISK);
         let mut cmd = Command::new(program);
         cmd.args(&args);
-        if st.mode != AttachMode::CairnFuse {
+        if st.mode == AttachMode::CairnFuse {
+            // Its log is a file that errors quote: no terminal colour codes in it.
+            cmd.env("NO_COLOR", "1");
+        } else {
             cmd.arg(&disk);
         }
         cmd.arg(&st.uri);
