@@ -43,14 +43,19 @@ struct Setup {
 }
 
 fn setup() -> Option<Setup> {
+    setup_attaching("fuse")
+}
+
+/// [`setup`] with both node services attaching through `--attach-mode ATTACH`.
+fn setup_attaching(attach: &str) -> Option<Setup> {
     if !enter_private_netns() || !node_tools() {
         return None;
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_owned();
     let cluster = ClusterOpts::new(3).start(&dir.join("cluster"));
-    let a = CsiProc::start(&dir, "all", "node-1", META);
-    let b = CsiProc::start(&dir, "node", "node-2", META);
+    let a = CsiProc::start_attaching(&dir, "all", "node-1", META, attach);
+    let b = CsiProc::start_attaching(&dir, "node", "node-2", META, attach);
     Some(Setup {
         _tmp: tmp,
         dir,
@@ -1355,5 +1360,112 @@ fn forced_unpublish_fences_the_old_nodes_engine() {
         .await
         .unwrap();
         delete_twice(&s.a, "pvc-rwo").await;
+    });
+}
+
+/// Online expansion as the resizer sidecar and kubelet drive it: ControllerExpandVolume of a
+/// volume mounted on node-1 (the replicas, engine and export grow), then NodeExpandVolume
+/// (the attached device and the xfs file system grow while mounted). Needs the resizable
+/// attach mode (`cairn-fuse`; nbdfuse keeps its first size) and xfsprogs (online ext4 growth
+/// needs CAP_SYS_RESOURCE, which this machine's root lacks).
+#[test]
+fn expand_while_mounted_grows_the_file_system() {
+    if !have_tools(&["mkfs.xfs", "xfs_growfs"]) {
+        println!("SKIP: xfsprogs is not installed");
+        return;
+    }
+    let Some(s) = setup_attaching("cairn-fuse") else {
+        return;
+    };
+    runtime().block_on(async {
+        let cap = mount_cap("xfs");
+        let mut c = s.a.controller().await;
+        c.create_volume(create_req("pvc-grow", 320 * MIB, cap.clone()))
+            .await
+            .unwrap();
+        let p = paths(&s.dir, "node-1", "pvc-grow", "pod-1");
+        let ctx = bring_up(&s.a, &s.a, "pvc-grow", &cap, &p).await;
+        write_files(&p.target);
+        let stats = |n: &mut pb::node_client::NodeClient<tonic::transport::Channel>| {
+            let req = pb::NodeGetVolumeStatsRequest {
+                volume_id: "pvc-grow".into(),
+                volume_path: p.target.display().to_string(),
+                ..Default::default()
+            };
+            let mut n = n.clone();
+            async move {
+                let u = n
+                    .node_get_volume_stats(req)
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .usage;
+                u.iter()
+                    .find(|u| u.unit == pb::volume_usage::Unit::Bytes as i32)
+                    .unwrap()
+                    .total
+            }
+        };
+        let mut n = s.a.node().await;
+        let before = stats(&mut n).await;
+
+        let expand = pb::ControllerExpandVolumeRequest {
+            volume_id: "pvc-grow".into(),
+            capacity_range: Some(pb::CapacityRange {
+                required_bytes: 640 * MIB,
+                limit_bytes: 0,
+            }),
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        };
+        for _ in 0..2 {
+            let r = c
+                .controller_expand_volume(expand.clone())
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(r.capacity_bytes, 640 * MIB);
+            assert!(r.node_expansion_required);
+        }
+        // A new connection to the export sees the new size.
+        let uri = ctx["nbdUri"].strip_prefix("nbd://").unwrap();
+        let (addr, export) = uri.split_once('/').unwrap();
+        let probe = cairn_nbd::NbdClient::connect(addr.parse().unwrap(), export)
+            .await
+            .unwrap();
+        assert_eq!(probe.size(), 640 << 20);
+        probe.disconnect().await.unwrap();
+
+        let node_expand = pb::NodeExpandVolumeRequest {
+            volume_id: "pvc-grow".into(),
+            volume_path: p.target.display().to_string(),
+            staging_target_path: p.staging.display().to_string(),
+            capacity_range: expand.capacity_range,
+            volume_capability: Some(cap.clone()),
+            ..Default::default()
+        };
+        for _ in 0..2 {
+            let r = n
+                .node_expand_volume(node_expand.clone())
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(r.capacity_bytes, 640 * MIB);
+        }
+        let after = stats(&mut n).await;
+        assert!(
+            after > before + 250 * MIB,
+            "the file system grew while mounted: {before} -> {after} bytes"
+        );
+        assert_files(&p.target, "files after growing");
+        // The new space takes data.
+        let big = content(31, 400 << 20);
+        std::fs::write(p.target.join("big.bin"), &big).unwrap();
+        assert!(
+            std::fs::read(p.target.join("big.bin")).unwrap() == big,
+            "big.bin"
+        );
+        tear_down(&s.a, &s.a, "pvc-grow", &p).await;
+        delete_twice(&s.a, "pvc-grow").await;
     });
 }

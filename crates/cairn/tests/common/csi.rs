@@ -22,6 +22,17 @@ impl CsiProc {
     /// Starts `cairn csi --mode MODE --node-id NODE` with its socket and state under `dir`,
     /// attaching volumes through nbdfuse + loop devices, and waits for the socket.
     pub fn start(dir: &Path, mode: &str, node: &str, meta: &str) -> CsiProc {
+        CsiProc::start_attaching(dir, mode, node, meta, "fuse")
+    }
+
+    /// [`CsiProc::start`] with `--attach-mode ATTACH`.
+    pub fn start_attaching(
+        dir: &Path,
+        mode: &str,
+        node: &str,
+        meta: &str,
+        attach: &str,
+    ) -> CsiProc {
         let socket = dir.join(format!("csi-{node}.sock"));
         let state_dir = dir.join(format!("csi-state-{node}"));
         let log = dir.join(format!("csi-{node}.log"));
@@ -31,7 +42,7 @@ impl CsiProc {
             .args(["--mode", mode, "--node-id", node, "--meta", meta])
             .arg("--state-dir")
             .arg(&state_dir)
-            .args(["--attach-mode", "fuse", "--log", "info,cairn=debug"])
+            .args(["--attach-mode", attach, "--log", "info,cairn=debug"])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
