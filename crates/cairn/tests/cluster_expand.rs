@@ -20,30 +20,6 @@ const MIB: u64 = 1 << 20;
 /// ENOSPC: what the NBD server answers for a write past the export's end.
 const ENOSPC: u32 = 28;
 
-/// `cairn ARGS` expected to fail with exit 1 and `why` on stderr.
-fn refused(args: &[&str], why: &str) {
-    let r = run_bounded(
-        Command::new(cairn_bin()).args(args),
-        Duration::from_secs(60),
-    );
-    assert_eq!(
-        r.status.and_then(|s| s.code()),
-        Some(1),
-        "cairn {}: exit 1 expected: {r:?}",
-        args.join(" ")
-    );
-    assert!(
-        r.stderr.contains(why),
-        "cairn {}: stderr should say {why:?}: {r:?}",
-        args.join(" ")
-    );
-}
-
-fn json(c: &Cluster, args: &[&str]) -> serde_json::Value {
-    let out = c.cli(args);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("cairn {args:?}: not JSON ({e}): {out}"))
-}
-
 /// Reads `len` bytes of `export` at `offset` through a new NBD connection to `addr`.
 fn read_range(addr: &str, export: &str, offset: u64, len: u64) -> Vec<u8> {
     let mut nbd = NbdClient::connect(addr, export);
@@ -101,7 +77,7 @@ fn assert_verified_at_size(volume: &str, endpoint: Option<&str>, size: u64, what
 
 /// `cairn volume expand VOLUME --size SIZE --json`: its reported size.
 fn expand(c: &Cluster, volume: &str, size: &str) -> u64 {
-    let v = json(c, &["volume", "expand", volume, "--size", size, "--json"]);
+    let v = c.json(&["volume", "expand", volume, "--size", size, "--json"]);
     assert_eq!(v["name"], volume, "{v:#}");
     v["size_bytes"]
         .as_u64()
@@ -275,21 +251,18 @@ fn detached_volume_grows_at_its_next_attach() {
     // Detached: only the record changes; the replicas grow when an engine starts.
     assert_eq!(expand(&c, "vol1", "48MiB"), new);
     assert_eq!(
-        json(&c, &["volume", "get", "vol1", "--json"])["size_bytes"],
+        c.json(&["volume", "get", "vol1", "--json"])["size_bytes"],
         new
     );
     c.cli(&["volume", "attach", "vol1", "--node", "node-2"]);
-    let st = json(
-        &c,
-        &[
-            "volume",
-            "status",
-            "vol1",
-            "--json",
-            "--endpoint",
-            &endpoint,
-        ],
-    );
+    let st = c.json(&[
+        "volume",
+        "status",
+        "vol1",
+        "--json",
+        "--endpoint",
+        &endpoint,
+    ]);
     assert_eq!(st["size"], new, "{st:#}");
     assert!(
         st["replicas"]

@@ -15,37 +15,13 @@ use common::*;
 
 const MIB: u64 = 1 << 20;
 
-/// `cairn ARGS` expected to fail with exit 1 and `why` on stderr.
-fn refused(args: &[&str], why: &str) {
-    let r = run_bounded(
-        Command::new(cairn_bin()).args(args),
-        Duration::from_secs(60),
-    );
-    assert_eq!(
-        r.status.and_then(|s| s.code()),
-        Some(1),
-        "cairn {}: exit 1 expected: {r:?}",
-        args.join(" ")
-    );
-    assert!(
-        r.stderr.contains(why),
-        "cairn {}: stderr should say {why:?}: {r:?}",
-        args.join(" ")
-    );
-}
-
-fn json(c: &Cluster, args: &[&str]) -> serde_json::Value {
-    let out = c.cli(args);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("cairn {args:?}: not JSON ({e}): {out}"))
-}
-
 /// `cairn snapshot create vol0 NAME --json`; checks the reply and returns the pause (µs).
 fn snap(c: &Cluster, name: &str, labels: &[&str]) -> u64 {
     let mut args = vec!["snapshot", "create", "vol0", name, "--json"];
     for l in labels {
         args.extend(["--label", l]);
     }
-    let v = json(c, &args);
+    let v = c.json(&args);
     assert_eq!(v["name"], name, "{v:#}");
     assert_eq!(v["volume"], "vol0", "{v:#}");
     assert!(v["created_unix_ms"].as_u64().unwrap_or(0) > 0, "{v:#}");
@@ -56,7 +32,7 @@ fn snap(c: &Cluster, name: &str, labels: &[&str]) -> u64 {
 
 /// `cairn snapshot list vol0 --json`, names in order.
 fn listed(c: &Cluster) -> Vec<serde_json::Value> {
-    json(c, &["snapshot", "list", "vol0", "--json"])
+    c.json(&["snapshot", "list", "vol0", "--json"])
         .as_array()
         .cloned()
         .unwrap_or_default()

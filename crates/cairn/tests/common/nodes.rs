@@ -107,7 +107,8 @@ impl Cluster {
         r.stdout
     }
 
-    fn json(&self, args: &[&str]) -> serde_json::Value {
+    /// `cairn ARGS` (must exit 0) parsed as JSON.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
         let out = self.cli(args);
         serde_json::from_str(&out)
             .unwrap_or_else(|e| panic!("cairn {args:?}: not JSON ({e}): {out}"))
@@ -351,4 +352,23 @@ impl FioLoop {
         self.thread.join().expect("every fio run verified");
         self.runs.load(std::sync::atomic::Ordering::Relaxed)
     }
+}
+
+/// `cairn ARGS` expected to fail with exit 1 (a user error) and `why` on stderr.
+pub fn refused(args: &[&str], why: &str) {
+    let r = run_bounded(
+        Command::new(cairn_bin()).args(args),
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        r.status.and_then(|s| s.code()),
+        Some(1),
+        "cairn {}: exit 1 expected: {r:?}",
+        args.join(" ")
+    );
+    assert!(
+        r.stderr.contains(why),
+        "cairn {}: stderr should say {why:?}: {r:?}",
+        args.join(" ")
+    );
 }
