@@ -1469,3 +1469,104 @@ fn expand_while_mounted_grows_the_file_system() {
         delete_twice(&s.a, "pvc-grow").await;
     });
 }
+
+/// Volume health as kubelet sees it: NodeGetVolumeStats (and ControllerGetVolume) report the
+/// volume abnormal while a replica's node is down, and normal again once it is back and
+/// resynced.
+#[test]
+fn volume_condition_follows_replica_health() {
+    let Some(s) = setup() else { return };
+    runtime().block_on(async {
+        let cap = mount_cap("ext4");
+        let mut c = s.a.controller().await;
+        let mut req = create_req("pvc-health", 16 * MIB, cap.clone());
+        req.parameters.insert("numberOfReplicas".into(), "3".into());
+        c.create_volume(req).await.unwrap();
+        let p = paths(&s.dir, "node-1", "pvc-health", "pod-1");
+        bring_up(&s.a, &s.a, "pvc-health", &cap, &p).await;
+        let mut n = s.a.node().await;
+        let condition = |n: &pb::node_client::NodeClient<tonic::transport::Channel>| {
+            let mut n = n.clone();
+            let req = pb::NodeGetVolumeStatsRequest {
+                volume_id: "pvc-health".into(),
+                volume_path: p.target.display().to_string(),
+                ..Default::default()
+            };
+            async move {
+                n.node_get_volume_stats(req)
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .volume_condition
+                    .unwrap()
+            }
+        };
+        assert!(!condition(&n).await.abnormal);
+
+        let held = s.cluster.kill_agent_and_hold("node-3");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let down = loop {
+            let cond = condition(&n).await;
+            if cond.abnormal {
+                break cond;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still normal: {cond:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        };
+        assert!(down.message.starts_with("degraded"), "{down:?}");
+        let got = c
+            .controller_get_volume(pb::ControllerGetVolumeRequest {
+                volume_id: "pvc-health".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(got.status.unwrap().volume_condition.unwrap().abnormal);
+        // The volume keeps serving: the files written while degraded read back.
+        write_files(&p.target);
+        assert_files(&p.target, "files written while degraded");
+
+        drop(held);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            let cond = condition(&n).await;
+            if !cond.abnormal {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still abnormal: {cond:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        tear_down(&s.a, &s.a, "pvc-health", &p).await;
+        n.node_get_info(pb::NodeGetInfoRequest {}).await.unwrap();
+        delete_twice(&s.a, "pvc-health").await;
+    });
+}
+
+/// Probe is ready only while meta answers.
+#[test]
+fn probe_is_not_ready_without_meta() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Nothing listens on port 1 of the loopback address.
+    let csi = CsiProc::start_attaching(tmp.path(), "controller", "node-1", "127.0.0.1:1", "fuse");
+    runtime().block_on(async {
+        let mut id = csi.identity().await;
+        let probe = id.probe(pb::ProbeRequest {}).await.unwrap().into_inner();
+        assert_eq!(probe.ready, Some(false));
+        let caps = id
+            .get_plugin_capabilities(pb::GetPluginCapabilitiesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            caps.capabilities.len(),
+            3,
+            "controller mode offers the controller service"
+        );
+    });
+}
