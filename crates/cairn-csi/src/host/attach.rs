@@ -1,5 +1,14 @@
 //! Attaching an NBD export as a local block device, by volume id.
 //!
+//! Mode [`AttachMode::Kernel`], the production path: the kernel NBD driver, configured over
+//! netlink ([`super::kernel`]), serves the export as `/dev/nbdN`. The state file records the
+//! device's index; the kernel names the device after the volume (its backend identifier), so
+//! a device is found again, and never taken for another volume's, after a restart. One
+//! reconnect keeper per attachment (a tokio task on the runtime given by
+//! [`Attacher::with_runtime`], started again by [`Attacher::resume_keepers`] after a restart)
+//! gives the kernel a new connection when one dies; I/O waits for it up to
+//! [`super::kernel::DEAD_CONN_TIMEOUT`]. The device grows online ([`Attacher::grow_device`]).
+//!
 //! Modes [`AttachMode::Fuse`] and [`AttachMode::CairnFuse`], for nodes without the kernel NBD
 //! driver: a FUSE helper serves the export as the file `STATE_DIR/<volume>/fuse/disk` (a FUSE
 //! mount of its own), and a loop device (`losetup --find --show --direct-io=on`) turns that
@@ -25,7 +34,7 @@
 //! - A loop device in use (a mounted filesystem) is never detached: detach fails with
 //!   [`HostError::DeviceBusy`] and changes nothing.
 //!
-//! Assumes: root, FUSE and loop devices, `nbdfuse` (mode `fuse`) or the `cairn` binary
+//! Assumes: root; for `kernel` the `nbd` module; for the FUSE modes FUSE and loop devices, `nbdfuse` (mode `fuse`) or the `cairn` binary
 //! ([`AttachConfig::cairn`], mode `cairn-fuse`), `losetup`, `fusermount3`. `STATE_DIR`
 //! should be on a filesystem that does not survive a reboot (e.g. under `/run`), like the
 //! FUSE mounts and loop devices it describes; a state directory found after a reboot is
@@ -35,7 +44,9 @@
 //! one can ([`Attacher::grow_device`]).
 //!
 //! Every method blocks (it runs tools and waits for them): call it from
-//! `tokio::task::spawn_blocking` in async code.
+//! `tokio::task::spawn_blocking` in async code, never from a runtime worker thread. Kernel NBD
+//! steps are async; they run on the current runtime (`Handle::block_on` from its blocking
+//! pool) or, outside any runtime, on a small current-thread runtime of their own.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -70,17 +81,22 @@ pub enum AttachMode {
 
 impl AttachMode {
     /// `auto`: [`AttachMode::Kernel`] when `/dev/nbd0` exists or the `nbd` module loads
-    /// (`modprobe nbd`), else [`AttachMode::Fuse`].
+    /// (`modprobe nbd`), else [`AttachMode::CairnFuse`] (no kernel module needed, and unlike
+    /// [`AttachMode::Fuse`] it grows online).
     pub fn detect() -> AttachMode {
-        if super::nbd_netlink::available() {
-            return AttachMode::Kernel;
+        AttachMode::choose(super::nbd_netlink::available, || {
+            super::cmd::have_tool("modprobe") && Cmd::new("modprobe").arg("nbd").run().is_ok()
+        })
+    }
+
+    /// [`AttachMode::detect`]'s decision: `available` says whether the kernel has NBD (asked
+    /// again after `modprobe` succeeds), `modprobe` tries to load the module.
+    fn choose(available: impl Fn() -> bool, modprobe: impl FnOnce() -> bool) -> AttachMode {
+        if available() || (modprobe() && available()) {
+            AttachMode::Kernel
+        } else {
+            AttachMode::CairnFuse
         }
-        let loaded =
-            super::cmd::have_tool("modprobe") && Cmd::new("modprobe").arg("nbd").run().is_ok();
-        if loaded && super::nbd_netlink::available() {
-            return AttachMode::Kernel;
-        }
-        AttachMode::Fuse
     }
 
     /// `fuse`, `cairn-fuse` or `kernel`.
@@ -97,11 +113,6 @@ impl AttachMode {
         [AttachMode::Fuse, AttachMode::CairnFuse, AttachMode::Kernel]
             .into_iter()
             .find(|m| m.as_str() == name)
-    }
-
-    /// Served by a FUSE helper process (nbdfuse or `cairn nbd-file`) and a loop device.
-    fn is_fuse(self) -> bool {
-        matches!(self, AttachMode::Fuse | AttachMode::CairnFuse)
     }
 }
 
@@ -267,9 +278,11 @@ pub struct AttachmentState {
     pub read_only: bool,
     /// The block device, if one is set up.
     pub device: Option<PathBuf>,
-    /// The FUSE helper (nbdfuse or `cairn nbd-file`) is running.
+    /// The FUSE helper (nbdfuse or `cairn nbd-file`) is running; in mode `kernel`, the kernel
+    /// reports the device configured.
     pub helper_alive: bool,
-    /// The helper running, its FUSE mount present and a device set up: usable as is.
+    /// The helper running, its FUSE mount present and a device set up (in mode `kernel`: the
+    /// device configured for this volume): usable as is.
     pub healthy: bool,
 }
 
@@ -288,6 +301,10 @@ pub struct Attacher {
     cfg: AttachConfig,
     /// FUSE helper processes this process started, kept to reap them.
     children: Mutex<HashMap<String, Child>>,
+    /// Where reconnect keepers of kernel attachments run ([`Attacher::with_runtime`]).
+    runtime: Option<tokio::runtime::Handle>,
+    /// The reconnect keeper of each kernel attachment, by volume id.
+    keepers: Mutex<HashMap<String, tokio::task::AbortHandle>>,
 }
 
 const STATE_FILE: &str = "attachment";
@@ -314,9 +331,46 @@ impl Attacher {
         Ok(Attacher {
             cfg,
             children: Mutex::new(HashMap::new()),
+            runtime: None,
+            keepers: Mutex::new(HashMap::new()),
         })
     }
 
+    /// Runs the reconnect keepers of kernel attachments on `runtime`, which must outlive
+    /// them (the `cairn csi` runtime). Without one, a keeper runs on the runtime current at
+    /// attach time, if any; outside any runtime a kernel device is attached without a keeper
+    /// (a warning says so) and a dead connection is not replaced.
+    pub fn with_runtime(mut self, runtime: tokio::runtime::Handle) -> Attacher {
+        self.runtime = Some(runtime);
+        self
+    }
+
+    /// Starts a reconnect keeper for every kernel attachment of the state directory that has
+    /// none: what a restarted `cairn csi` calls once. A keeper of a device that is no longer
+    /// configured for its volume ends at its first check. Returns how many were started.
+    /// Does not block on the kernel (callable from async code).
+    pub fn resume_keepers(&self) -> Result<usize> {
+        let root = &self.cfg.state_dir;
+        let mut started = 0;
+        for entry in std::fs::read_dir(root).map_err(|e| HostError::io("read_dir", root, e))? {
+            let entry = entry.map_err(|e| HostError::io("read_dir", root, e))?;
+            let name = entry.file_name();
+            let Some(id) = name.to_str() else { continue };
+            if validate_volume_id(id).is_err() || !entry.path().is_dir() {
+                continue;
+            }
+            let Ok(st) = read_state(&entry.path()) else {
+                continue;
+            };
+            if let (AttachMode::Kernel, Some(index), Ok(uri)) =
+                (st.mode, st.index, NbdUri::parse(&st.uri))
+            {
+                started += usize::from(self.spawn_keeper(id, &uri, index));
+            }
+        }
+        tracing::info!(started, "reconnect keepers of kernel NBD attachments");
+        Ok(started)
+    }
     /// The state directory.
     pub fn state_dir(&self) -> &Path {
         &self.cfg.state_dir
@@ -336,20 +390,22 @@ impl Attacher {
     ) -> Result<Attachment> {
         validate_volume_id(volume_id)?;
         let uri = NbdUri::parse(uri)?;
-        if !mode.is_fuse() {
-            return attach_kernel(volume_id, &uri, read_only);
+        if mode == AttachMode::Kernel {
+            // Fail before touching anything on a node without the driver.
+            block_on(super::kernel::open())??;
         }
         self.reap();
         let _lock = self.lock(volume_id)?;
         let dir = self.volume_dir(volume_id);
-        let wanted = State {
+        let mut wanted = State {
             mode,
             uri: uri.to_string(),
             read_only,
+            index: None,
         };
         if dir.exists() {
             match read_state(&dir) {
-                Ok(st) if st != wanted => {
+                Ok(st) if !st.same_target(&wanted) => {
                     return Err(HostError::AttachConflict {
                         volume: volume_id.into(),
                         existing: format!(
@@ -359,6 +415,11 @@ impl Attacher {
                             if st.read_only { " (read-only)" } else { "" }
                         ),
                     })
+                }
+                Ok(st) if mode == AttachMode::Kernel => {
+                    if let Some(device) = self.resume_kernel(volume_id, &uri, &st)? {
+                        return Ok(self.attachment(volume_id, &wanted, device));
+                    }
                 }
                 Ok(_) => {
                     if let Some(device) = self.resume(volume_id, &dir, read_only)? {
@@ -375,19 +436,24 @@ impl Attacher {
             );
             self.teardown(volume_id, &dir)?;
         }
-        let device = self
-            .attach_fresh(volume_id, &dir, &wanted)
-            .inspect_err(|_| {
-                if let Err(e) = self.teardown(volume_id, &dir) {
-                    tracing::error!(volume = volume_id, error = %e, "cleanup of a failed attach");
-                }
-            })?;
+        let fresh = if mode == AttachMode::Kernel {
+            self.attach_fresh_kernel(volume_id, &dir, &uri, &mut wanted)
+        } else {
+            self.attach_fresh(volume_id, &dir, &wanted)
+        };
+        let device = fresh.inspect_err(|_| {
+            if let Err(e) = self.teardown(volume_id, &dir) {
+                tracing::error!(volume = volume_id, error = %e, "cleanup of a failed attach");
+            }
+        })?;
         Ok(self.attachment(volume_id, &wanted, device))
     }
 
     /// Detaches volume `volume_id`: loop device(s) released (`losetup -d`, waiting until the
     /// kernel lets go), FUSE mount unmounted (`fusermount3 -u`), the helper exited (killed past
-    /// the deadline), state directory removed. Not attached: [`DetachOutcome::NotAttached`].
+    /// the deadline), state directory removed. Mode `kernel`: the reconnect keeper stopped,
+    /// the device disconnected (`NBD_CMD_DISCONNECT`, waiting until the kernel drops its
+    /// configuration), state directory removed. Not attached: [`DetachOutcome::NotAttached`].
     /// A device still in use (mounted): [`HostError::DeviceBusy`], nothing changed.
     pub fn detach(&self, volume_id: &str) -> Result<DetachOutcome> {
         validate_volume_id(volume_id)?;
@@ -413,6 +479,12 @@ impl Attacher {
         }
         let mode = read_state(&dir).map_or(AttachMode::Fuse, |s| s.mode);
         let st = self.inspect(volume_id, &dir)?;
+        if st.healthy && mode == AttachMode::Kernel {
+            // The device is ours: make sure it has a keeper (one may have died with an error).
+            if let (Some(index), Some(uri)) = (read_state(&dir)?.index, &st.uri) {
+                self.spawn_keeper(volume_id, &NbdUri::parse(uri)?, index);
+            }
+        }
         Ok(match (st.healthy, st.device, st.uri) {
             (true, Some(device), Some(uri)) => Some(Attachment {
                 volume_id: volume_id.into(),
@@ -452,6 +524,11 @@ impl Attacher {
     /// reports at least `new_size` bytes (up to [`AttachConfig::ready_timeout`]; the helper's
     /// log on timeout), runs `losetup -c` and returns the device's new size.
     ///
+    /// [`AttachMode::Kernel`]: a fresh handshake learns the export's size, `NBD_CMD_RECONFIGURE`
+    /// gives it to the kernel (Linux >= 5.3), `BLKGETSIZE64` must show it; repeated every
+    /// second while the export is still smaller than `new_size`, up to
+    /// [`AttachConfig::ready_timeout`].
+    ///
     /// [`AttachMode::Fuse`] cannot grow online: [`HostError::GrowUnsupported`]. nbdfuse (libnbd 1.14) takes the size from the NBD
     /// handshake once, at start, and its FUSE `getattr` returns that value for ever; NBD has
     /// no message announcing a new size, and nbdfuse has no option or signal to reconnect.
@@ -466,6 +543,9 @@ impl Attacher {
         let size = super::mount::block_device_size(&a.device)?;
         if size >= new_size {
             return Ok(size);
+        }
+        if a.mode == AttachMode::Kernel {
+            return self.grow_kernel(&a, new_size);
         }
         if a.mode != AttachMode::CairnFuse {
             return Err(HostError::GrowUnsupported {
@@ -695,7 +775,20 @@ impl Attacher {
     }
 
     /// Undoes whatever part of an attachment exists, in reverse order, then removes `dir`.
+    /// An unreadable state file: both kinds of leftovers are looked for.
     fn teardown(&self, volume_id: &str, dir: &Path) -> Result<()> {
+        let st = read_state(dir).ok();
+        if st.as_ref().is_none_or(|s| s.mode == AttachMode::Kernel) {
+            self.teardown_kernel(volume_id, st.as_ref().and_then(|s| s.index))?;
+            if st.is_some() {
+                return remove_state_dir(volume_id, dir);
+            }
+        }
+        self.teardown_fuse(volume_id, dir)
+    }
+
+    /// The FUSE modes' [`Attacher::teardown`].
+    fn teardown_fuse(&self, volume_id: &str, dir: &Path) -> Result<()> {
         let fuse = dir.join(FUSE_DIR);
         for dev in loopdev::devices_of(&fuse.join(DISK))? {
             loopdev::detach(&dev, self.cfg.detach_timeout)?;
@@ -710,14 +803,7 @@ impl Attacher {
             }
         }
         self.wait_helper_exit(volume_id, pid, &fuse)?;
-        match std::fs::remove_dir_all(dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(HostError::io("rm -r", dir, e))
-            }
-            _ => {}
-        }
-        tracing::info!(volume = volume_id, "detached");
-        Ok(())
+        remove_state_dir(volume_id, dir)
     }
 
     /// Waits for the FUSE helper to exit after its unmount; kills it past the deadline.
@@ -759,6 +845,26 @@ impl Attacher {
 
     fn inspect(&self, volume_id: &str, dir: &Path) -> Result<AttachmentState> {
         let st = read_state(dir).ok();
+        if let Some(st) = st.as_ref().filter(|s| s.mode == AttachMode::Kernel) {
+            let connected = match st.index {
+                Some(index) => block_on(super::kernel::connected(index))??,
+                None => false,
+            };
+            let owned = st
+                .index
+                .is_some_and(|i| super::kernel::owned_by(i, volume_id) != Some(false));
+            return Ok(AttachmentState {
+                volume_id: volume_id.into(),
+                uri: Some(st.uri.clone()),
+                read_only: st.read_only,
+                device: st
+                    .index
+                    .filter(|_| connected)
+                    .map(super::nbd_netlink::device_path),
+                helper_alive: connected,
+                healthy: connected && owned,
+            });
+        }
         let fuse = dir.join(FUSE_DIR);
         let device = loopdev::devices_of(&fuse.join(DISK))?.pop();
         let alive = helper_alive(dir);
@@ -771,6 +877,146 @@ impl Attacher {
             helper_alive: alive,
             healthy,
         })
+    }
+
+    /// A kernel attachment's device if the kernel has it configured for this volume (and a
+    /// keeper running for it); `None` if it is gone or serves something else now.
+    fn resume_kernel(&self, volume_id: &str, uri: &NbdUri, st: &State) -> Result<Option<PathBuf>> {
+        let Some(index) = st.index else {
+            return Ok(None);
+        };
+        if !block_on(super::kernel::connected(index))??
+            || super::kernel::owned_by(index, volume_id) == Some(false)
+        {
+            return Ok(None);
+        }
+        self.spawn_keeper(volume_id, uri, index);
+        let device = super::nbd_netlink::device_path(index);
+        tracing::debug!(volume = volume_id, device = %device.display(), "already attached");
+        Ok(Some(device))
+    }
+
+    /// Mode `kernel`: state file first (no index: a crash after `CONNECT` leaves a device
+    /// found by its backend identifier), then `CONNECT`, then the index, then the keeper.
+    fn attach_fresh_kernel(
+        &self,
+        volume_id: &str,
+        dir: &Path,
+        uri: &NbdUri,
+        st: &mut State,
+    ) -> Result<PathBuf> {
+        std::fs::create_dir_all(dir).map_err(|e| HostError::io("mkdir", dir, e))?;
+        // A device of this volume without a state file (a crash before it was written).
+        self.teardown_kernel(volume_id, None)?;
+        write_state(dir, st)?;
+        let (index, device, _) = block_on(super::kernel::connect(volume_id, uri, st.read_only))??;
+        st.index = Some(index);
+        write_state(dir, st)?;
+        self.spawn_keeper(volume_id, uri, index);
+        Ok(device)
+    }
+
+    /// Disconnects the kernel devices of `volume_id` (device `index`, and any whose backend
+    /// identifier names the volume), after stopping its keeper. A device mounted or open
+    /// exclusively: [`HostError::DeviceBusy`], nothing changed.
+    fn teardown_kernel(&self, volume_id: &str, index: Option<u32>) -> Result<()> {
+        let mut indices = super::kernel::devices_of(volume_id);
+        if let Some(i) = index {
+            if !indices.contains(&i) && super::kernel::owned_by(i, volume_id) != Some(false) {
+                indices.push(i);
+            }
+        }
+        let mut live = Vec::new();
+        for i in indices {
+            if block_on(super::kernel::connected(i))?? {
+                live.push(i);
+            }
+        }
+        for i in &live {
+            let device = super::nbd_netlink::device_path(*i);
+            if super::kernel::busy(&device)? {
+                return Err(HostError::DeviceBusy { device });
+            }
+        }
+        self.stop_keeper(volume_id);
+        for i in live {
+            tracing::info!(
+                volume = volume_id,
+                index = i,
+                "disconnecting the kernel NBD device"
+            );
+            block_on(super::kernel::disconnect(i))??;
+        }
+        Ok(())
+    }
+
+    /// [`Attacher::grow_device`] in mode `kernel`.
+    fn grow_kernel(&self, a: &Attachment, new_size: u64) -> Result<u64> {
+        let _lock = self.lock(&a.volume_id)?;
+        let dir = self.volume_dir(&a.volume_id);
+        let index = read_state(&dir)?.index.ok_or_else(|| HostError::BadState {
+            path: dir.clone(),
+            why: "kernel attachment without a device index".into(),
+        })?;
+        let uri = NbdUri::parse(&a.uri)?;
+        let mut tried: Option<Instant> = None;
+        poll(
+            &format!(
+                "{} of volume {} to reach {new_size} bytes",
+                a.device.display(),
+                a.volume_id
+            ),
+            self.cfg.ready_timeout,
+            || {
+                if tried.is_some_and(|t| t.elapsed() < RESIZE_SIGNAL_EVERY) {
+                    return Ok(None);
+                }
+                tried = Some(Instant::now());
+                let size = block_on(super::kernel::resize(&a.volume_id, index, &uri))??;
+                Ok((size >= new_size).then_some(size))
+            },
+            String::new,
+        )
+    }
+
+    /// Starts the reconnect keeper of kernel device `index` of `volume_id` unless one runs.
+    /// Returns whether it started one.
+    fn spawn_keeper(&self, volume_id: &str, uri: &NbdUri, index: u32) -> bool {
+        let mut keepers = self.keepers.lock().unwrap_or_else(|p| p.into_inner());
+        if keepers.get(volume_id).is_some_and(|k| !k.is_finished()) {
+            return false;
+        }
+        let Some(rt) = self
+            .runtime
+            .clone()
+            .or_else(|| tokio::runtime::Handle::try_current().ok())
+        else {
+            tracing::warn!(
+                volume = volume_id,
+                index,
+                "no tokio runtime for a reconnect keeper: a dead connection will not be replaced"
+            );
+            return false;
+        };
+        let (id, uri) = (volume_id.to_owned(), uri.clone());
+        let task = rt.spawn(async move {
+            let Err(e) = super::kernel::keep(&id, &uri, index).await;
+            tracing::error!(volume = id, index, error = %e, "reconnect keeper stopped");
+        });
+        keepers.insert(volume_id.into(), task.abort_handle());
+        true
+    }
+
+    /// Aborts the reconnect keeper of `volume_id`, if any.
+    fn stop_keeper(&self, volume_id: &str) {
+        let keeper = self
+            .keepers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(volume_id);
+        if let Some(k) = keeper {
+            k.abort();
+        }
     }
 
     /// Takes the per-volume lock, blocking while another thread or process holds it.
@@ -802,11 +1048,41 @@ impl Attacher {
     }
 }
 
-/// The kernel NBD seam: where [`AttachMode::Kernel`] will hand a handshaken socket to
-/// `nbd_netlink::KernelNbd::connect`. Not wired in this build.
-fn attach_kernel(volume_id: &str, uri: &NbdUri, read_only: bool) -> Result<Attachment> {
-    tracing::error!(volume = volume_id, %uri, read_only, "kernel NBD attach requested");
-    Err(HostError::KernelNbdUnavailable)
+impl Drop for Attacher {
+    /// Stops the reconnect keepers this attacher started (the devices stay attached; a new
+    /// attacher on the same state resumes them, [`Attacher::resume_keepers`]).
+    fn drop(&mut self) {
+        let keepers = self.keepers.get_mut().unwrap_or_else(|p| p.into_inner());
+        for (_, k) in keepers.drain() {
+            k.abort();
+        }
+    }
+}
+
+/// Runs an async kernel NBD step from blocking code: on the current runtime when called from
+/// its blocking pool, else on a current-thread runtime of its own. Must not be called from a
+/// runtime worker thread (`Handle::block_on` panics there).
+fn block_on<F: std::future::Future>(f: F) -> Result<F::Output> {
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        return Ok(handle.block_on(f));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| HostError::io("start a tokio runtime", "/", e))?;
+    Ok(rt.block_on(f))
+}
+
+/// Removes an attachment's state directory (gone already: fine).
+fn remove_state_dir(volume_id: &str, dir: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(HostError::io("rm -r", dir, e))
+        }
+        _ => {}
+    }
+    tracing::info!(volume = volume_id, "detached");
+    Ok(())
 }
 
 /// An exclusive `flock` on `.locks/<volume>`, released when dropped.
@@ -845,17 +1121,31 @@ struct State {
     mode: AttachMode,
     uri: String,
     read_only: bool,
+    /// Mode `kernel`: the device's index (`/dev/nbdN`), once `CONNECT` has answered. A state
+    /// file without it is an attach that stopped before (its device, if any, is found by its
+    /// backend identifier).
+    index: Option<u32>,
+}
+
+impl State {
+    /// Same mode, export and read-only flag: the same attachment asked for again.
+    fn same_target(&self, other: &State) -> bool {
+        (self.mode, &self.uri, self.read_only) == (other.mode, &other.uri, other.read_only)
+    }
 }
 
 fn write_state(dir: &Path, st: &State) -> Result<()> {
     let path = dir.join(STATE_FILE);
     let tmp = dir.join(format!("{STATE_FILE}.tmp"));
-    let text = format!(
+    let mut text = format!(
         "mode={}\nuri={}\nread_only={}\n",
         st.mode,
         st.uri,
         u8::from(st.read_only)
     );
+    if let Some(index) = st.index {
+        text.push_str(&format!("index={index}\n"));
+    }
     let mut f = File::create(&tmp).map_err(|e| HostError::io("create", &tmp, e))?;
     f.write_all(text.as_bytes())
         .and_then(|()| f.sync_all())
@@ -888,6 +1178,11 @@ fn parse_state(text: &str) -> std::result::Result<State, String> {
             "0" => false,
             "1" => true,
             v => return Err(format!("bad read_only {v:?}")),
+        },
+        // Absent in state files of the FUSE modes and of earlier versions.
+        index: match get("index") {
+            Err(_) => None,
+            Ok(v) => Some(v.parse().map_err(|_| format!("bad index {v:?}"))?),
         },
     })
 }
@@ -995,6 +1290,7 @@ mod tests {
             mode: AttachMode::Fuse,
             uri: "nbd://h:1/v".into(),
             read_only: true,
+            index: None,
         };
         let dir = tempfile::tempdir().unwrap();
         write_state(dir.path(), &st).unwrap();
@@ -1005,8 +1301,42 @@ mod tests {
         };
         write_state(dir.path(), &st).unwrap();
         assert_eq!(read_state(dir.path()).unwrap(), st);
+        // Kernel mode, before and after CONNECT answered.
+        let st = State {
+            mode: AttachMode::Kernel,
+            read_only: false,
+            ..st
+        };
+        write_state(dir.path(), &st).unwrap();
+        assert_eq!(read_state(dir.path()).unwrap(), st);
+        let st = State {
+            index: Some(7),
+            ..st
+        };
+        write_state(dir.path(), &st).unwrap();
+        let text = std::fs::read_to_string(dir.path().join(STATE_FILE)).unwrap();
+        assert_eq!(text, "mode=kernel\nuri=nbd://h:1/v\nread_only=0\nindex=7\n");
+        assert_eq!(read_state(dir.path()).unwrap(), st);
+        // A state file of an earlier version (no index) still reads.
+        assert_eq!(
+            parse_state("mode=fuse\nuri=x\nread_only=0\n")
+                .unwrap()
+                .index,
+            None
+        );
+        assert!(parse_state("mode=kernel\nuri=x\nread_only=0\nindex=-1\n").is_err());
         assert!(parse_state("mode=fuse\nuri=x\n").is_err());
         assert!(parse_state("mode=tape\nuri=x\nread_only=0\n").is_err());
+        // Same target whatever the index.
+        let other = State {
+            index: None,
+            ..st.clone()
+        };
+        assert!(st.same_target(&other));
+        assert!(!st.same_target(&State {
+            read_only: true,
+            ..other
+        }));
     }
 
     #[test]
@@ -1022,6 +1352,37 @@ mod tests {
         }
         assert!("auto".parse::<AttachMode>().is_ok());
         assert!("nbd".parse::<AttachMode>().is_err());
+    }
+
+    #[test]
+    fn detect_prefers_kernel_then_cairn_fuse() {
+        use std::cell::Cell;
+        // The device is there: no modprobe.
+        let probed = Cell::new(false);
+        let m = AttachMode::choose(
+            || true,
+            || {
+                probed.set(true);
+                true
+            },
+        );
+        assert_eq!((m, probed.get()), (AttachMode::Kernel, false));
+        // modprobe loads it.
+        let loaded = Cell::new(false);
+        let m = AttachMode::choose(
+            || loaded.get(),
+            || {
+                loaded.set(true);
+                true
+            },
+        );
+        assert_eq!(m, AttachMode::Kernel);
+        // modprobe fails, or "succeeds" without the driver showing up: cairn-fuse.
+        assert_eq!(
+            AttachMode::choose(|| false, || false),
+            AttachMode::CairnFuse
+        );
+        assert_eq!(AttachMode::choose(|| false, || true), AttachMode::CairnFuse);
     }
 
     #[test]

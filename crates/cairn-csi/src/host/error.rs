@@ -130,11 +130,30 @@ pub enum HostError {
         /// What is wrong.
         why: String,
     },
-    /// Kernel NBD (`AttachMode::Kernel`) is not wired into this build.
-    #[error("kernel NBD attach is not available in this build; use attach mode fuse")]
+    /// Attach mode `kernel` on a node whose kernel has no NBD driver (no generic netlink
+    /// family `nbd`: the module is not loaded).
+    #[error(
+        "the kernel has no NBD driver (load it with `modprobe nbd`), or use attach mode cairn-fuse"
+    )]
     KernelNbdUnavailable,
+    /// A kernel NBD request over netlink failed or was refused.
+    #[error("kernel NBD {what}: {source}")]
+    KernelNbd {
+        /// What was asked (`NBD_CMD_CONNECT of volume v`, `NBD_CMD_DISCONNECT of /dev/nbd3`...).
+        what: String,
+        #[source]
+        source: super::nbd_netlink::NbdNetlinkError,
+    },
+    /// Resolving, dialling or negotiating with an NBD server failed.
+    #[error("NBD handshake with {uri}: {source}")]
+    NbdHandshake {
+        /// The export.
+        uri: String,
+        #[source]
+        source: cairn_nbd::NbdClientError,
+    },
     /// The attachment cannot show a new export size to the kernel (nbdfuse reads the size
-    /// once, when it starts).
+    /// once, when it starts; a kernel before 5.3 cannot resize a connected NBD device).
     #[error("volume {volume}: attach mode {mode} cannot grow a device online; detach and attach it again")]
     GrowUnsupported {
         /// The volume id.

@@ -1,7 +1,9 @@
 //! What a node does to a volume, below the CSI Node service.
 //!
-//! - [`attach`]: an NBD export as a local block device, by volume id (nbdfuse + a loop
-//!   device; kernel NBD to come), idempotent and found again after a restart.
+//! - [`attach`]: an NBD export as a local block device, by volume id (kernel NBD, or a FUSE
+//!   helper + a loop device), idempotent and found again after a restart.
+//! - [`kernel`]: the kernel NBD steps of an attachment (connect, keep connected, resize,
+//!   disconnect).
 //! - [`mount`]: probe, format (ext4, xfs), check, mount, bind (directory, file or device
 //!   node), read-only bind, unmount, statistics and online growth of filesystems.
 //! - [`loopdev`]: loop devices over files (attach, find by backing file, refresh the size,
@@ -18,6 +20,7 @@
 pub mod attach;
 mod cmd;
 mod error;
+pub mod kernel;
 pub mod loopdev;
 pub mod mount;
 pub mod mountinfo;

@@ -5,12 +5,13 @@
 //! generic netlink family `"nbd"` (version 1, `include/uapi/linux/nbd-netlink.h`, handlers in
 //! `drivers/block/nbd.c`):
 //!
-//! - pure encoders ([`encode_connect`], [`encode_reconfigure`], [`encode_disconnect`],
-//!   [`encode_status`], [`encode_get_family`]) that return the exact request bytes, and a pure
-//!   decoder ([`decode`]) that turns received bytes into typed [`Message`]s;
-//! - [`KernelNbd`], the runtime path (`CONNECT`, `RECONFIGURE`, `DISCONNECT`, `STATUS`), a
-//!   [`LinkDeadWatch`] on the multicast group `"nbd_mc_group"`, and [`keep_connected`], the
-//!   reconnect loop (`LINK_DEAD` for our device: new handshake, then `RECONFIGURE`).
+//! - pure encoders ([`encode_connect`], [`encode_reconfigure`], [`encode_resize`],
+//!   [`encode_disconnect`], [`encode_status`], [`encode_get_family`]) that return the exact
+//!   request bytes, and a pure decoder ([`decode`]) that turns received bytes into typed
+//!   [`Message`]s;
+//! - [`KernelNbd`], the runtime path (`CONNECT`, `RECONFIGURE` of a socket or of the size,
+//!   `DISCONNECT`, `STATUS`), a [`LinkDeadWatch`] on the multicast group `"nbd_mc_group"`,
+//!   and [`keep_connected`], the reconnect loop (`LINK_DEAD` for our device: new handshake, then `RECONFIGURE`).
 //!
 //! # Guarantees
 //! - Every request carries `NLM_F_REQUEST | NLM_F_ACK` and waits for the kernel's ack (or its
@@ -405,6 +406,25 @@ pub fn encode_reconfigure(
         ReqAttr::Index(index),
         ReqAttr::Sockets(vec![SockItem(sock_fd)]),
     ];
+    if let Some(backend) = backend {
+        attrs.push(ReqAttr::Backend(backend.to_owned()));
+    }
+    let cmd = NBD_CMD_RECONFIGURE;
+    encode_request(family_id, seq, NbdRequest { cmd, attrs })
+}
+
+/// `NBD_CMD_RECONFIGURE` of device `index` to `size_bytes` (Linux >= 5.3 resizes a connected
+/// device; older kernels ignore the attribute). `backend` must match the one given at
+/// connect: the kernel refuses a `RECONFIGURE` without it (`"must specify backend"`) when
+/// the device has one.
+pub fn encode_resize(
+    family_id: u16,
+    seq: u32,
+    index: u32,
+    size_bytes: u64,
+    backend: Option<&str>,
+) -> Vec<u8> {
+    let mut attrs = vec![ReqAttr::Index(index), ReqAttr::SizeBytes(size_bytes)];
     if let Some(backend) = backend {
         attrs.push(ReqAttr::Backend(backend.to_owned()));
     }
@@ -816,6 +836,24 @@ impl KernelNbd {
         Ok(())
     }
 
+    /// Sets the size of connected device `index` to `size_bytes` (keeping its block size).
+    /// `backend` must be the one given at connect. Linux < 5.3 acknowledges without resizing:
+    /// callers check the device's size afterwards.
+    pub async fn resize(&self, index: u32, size_bytes: u64, backend: Option<String>) -> Result<()> {
+        if size_bytes == 0 {
+            return Err(NbdNetlinkError::InvalidParams("size is zero"));
+        }
+        check_backend(backend.as_deref())?;
+        let (family, seq) = (self.family_id, self.seq());
+        blocking(move || {
+            let request = encode_resize(family, seq, index, size_bytes, backend.as_deref());
+            transact(family, &request, seq, "NBD_CMD_RECONFIGURE (size)").map(drop)
+        })
+        .await?;
+        tracing::info!(index, size_bytes, "kernel NBD device resized");
+        Ok(())
+    }
+
     /// Disconnects device `index`: the kernel sends `NBD_CMD_DISC`, closes the socket and
     /// fails any further I/O on the device.
     pub async fn disconnect(&self, index: u32) -> Result<()> {
@@ -890,6 +928,15 @@ impl Debug for LinkDeadWatch {
 }
 
 impl LinkDeadWatch {
+    /// Queues `event` as if the kernel had sent it. A keeper that starts after its device was
+    /// connected (a restarted process, or a watch opened after `CONNECT`) injects
+    /// `LinkDead(index)` so that [`keep_connected`] checks the connection once: a `LINK_DEAD`
+    /// sent before the watch existed is lost, and a `RECONFIGURE` of a healthy device is a
+    /// no-op.
+    pub fn inject(&mut self, event: WatchEvent) {
+        self.queued.push_back(event);
+    }
+
     /// The next event. Cancel-safe: an event is only taken from the queue when returned.
     /// Malformed datagrams are logged and skipped.
     pub async fn next(&mut self) -> Result<WatchEvent> {
@@ -1091,6 +1138,29 @@ mod tests {
         let short = encode_reconfigure(FAMILY, 10, 3, 9, None);
         assert_eq!(short[0], 44);
         assert_eq!(short[4..], expected[4..44]);
+    }
+
+    #[test]
+    fn resize_bytes() {
+        #[rustfmt::skip]
+        let expected: [u8; 52] = [
+            52, 0, 0, 0,  0x1c, 0,  0x05, 0,  12, 0, 0, 0,  0, 0, 0, 0,
+            3, 1, 0, 0,                                  // NBD_CMD_RECONFIGURE
+            8, 0, 1, 0,  3, 0, 0, 0,                     // INDEX 3
+            12, 0, 2, 0,  0, 0, 0, 0x80, 0, 0, 0, 0,     // SIZE_BYTES 2 GiB
+            10, 0, 10, 0,  b'v', b'o', b'l', b'-', b'1', 0,  0, 0, // BACKEND "vol-1\0" + pad
+        ];
+        assert_eq!(
+            encode_resize(FAMILY, 12, 3, 2 << 30, Some("vol-1")),
+            expected
+        );
+        // Without a backend the message ends after the size.
+        let short = encode_resize(FAMILY, 12, 3, 2 << 30, None);
+        assert_eq!(short[0], 40);
+        assert_eq!(short[4..], expected[4..40]);
+        // Sizes above 4 GiB use all eight bytes.
+        let big = encode_resize(FAMILY, 12, 3, 0x0102_0304_0506_7000, None);
+        assert_eq!(big[32..40], [0, 0x70, 6, 5, 4, 3, 2, 1]);
     }
 
     #[test]

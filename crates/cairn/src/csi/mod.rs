@@ -67,8 +67,9 @@ pub struct CsiArgs {
     #[arg(long, default_value = "/var/lib/cairn/csi")]
     state_dir: PathBuf,
     /// Node mode: how a volume becomes a local block device. `kernel`: the kernel NBD
-    /// driver over netlink (needs the nbd module); `fuse`: nbdfuse + a loop device;
-    /// `auto`: kernel when /dev/nbd0 exists, else fuse.
+    /// driver over netlink (needs the nbd module; reconnects, grows online); `cairn-fuse`:
+    /// `cairn nbd-file` + a loop device (grows online); `fuse`: nbdfuse + a loop device;
+    /// `auto`: kernel when /dev/nbd0 exists or `modprobe nbd` works, else cairn-fuse.
     #[arg(long, value_enum, default_value = "auto")]
     attach_mode: node::AttachModeArg,
 }

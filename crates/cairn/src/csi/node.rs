@@ -61,6 +61,13 @@ impl NodeService {
         let attacher = Attacher::new(&state_dir).map_err(|e| {
             records::user_error(format!("--state-dir {}: {e}", state_dir.display()))
         })?;
+        // Kernel attachments' reconnect keepers run on this (the server's) runtime; after a
+        // restart, those of the attachments found in the state directory start again.
+        let attacher = match tokio::runtime::Handle::try_current() {
+            Ok(rt) => attacher.with_runtime(rt),
+            Err(_) => attacher,
+        };
+        attacher.resume_keepers()?;
         tracing::info!(node = node_id, ?mode, state_dir = %state_dir.display(), "node service");
         Ok(NodeService {
             node_id,
