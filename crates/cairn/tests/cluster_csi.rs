@@ -473,6 +473,39 @@ fn block_volume_lifecycle_across_two_nodes() {
             "unwritten reads zeros"
         );
         tear_down(&s.a, &s.b, "pvc-block", &p2).await;
+
+        // A reader-only capability attaches the device read-only: reads work, writes fail.
+        let ro_cap = pb::VolumeCapability {
+            access_mode: Some(pb::volume_capability::AccessMode {
+                mode: pb::volume_capability::access_mode::Mode::SingleNodeReaderOnly as i32,
+            }),
+            ..cap.clone()
+        };
+        let p3 = paths(&s.dir, "node-1", "pvc-block", "pod-ro");
+        bring_up(&s.a, &s.a, "pvc-block", &ro_cap, &p3).await;
+        assert!(
+            read_block(&p3.target, 3 << 20, 1 << 20) == data,
+            "read-only device reads"
+        );
+        let denied = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&p3.target)
+            .and_then(|mut f| {
+                let mut buf = AlignedBuf::new(4096);
+                buf.as_mut().fill(0xee);
+                f.write_all(buf.as_ref())?;
+                f.sync_all()
+            });
+        assert!(
+            denied.is_err(),
+            "a write through a read-only device succeeded"
+        );
+        assert!(
+            read_block(&p3.target, 0, 4096).iter().all(|&b| b == 0),
+            "and changed nothing"
+        );
+        tear_down(&s.a, &s.a, "pvc-block", &p3).await;
         delete_twice(&s.a, "pvc-block").await;
     });
 }

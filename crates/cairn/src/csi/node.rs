@@ -30,8 +30,11 @@ pub const TOPOLOGY_NODE_KEY: &str = "topology.cairn.io/node";
 /// `--attach-mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AttachModeArg {
+    /// Kernel when the kernel has NBD (/dev/nbd0, or `modprobe nbd` works), else cairn-fuse.
     Auto,
+    /// The kernel NBD driver over netlink (/dev/nbdN); reconnects when a link dies.
     Kernel,
+    /// nbdfuse + a loop device; the size is fixed when it attaches.
     Fuse,
     /// `cairn nbd-file` + a loop device: like fuse, and grows online (NodeExpandVolume).
     CairnFuse,
@@ -185,7 +188,11 @@ impl Node for NodeService {
         };
         let _busy = self.inflight.begin(&id)?;
         let (attacher, mode, vid) = (self.attacher.clone(), self.mode, id.clone());
-        let device = blocking(move || Ok(attacher.attach(&vid, &uri, mode, false)?.device)).await?;
+        // A reader-only volume is attached read-only: no write can reach it, not even
+        // through a bind of the device node (which a read-only bind mount does not stop).
+        let read_only = reader_only(cap);
+        let device =
+            blocking(move || Ok(attacher.attach(&vid, &uri, mode, read_only)?.device)).await?;
         if let Some(fs) = fs {
             let flags = mount_flags(cap);
             let ro = reader_only(cap);
