@@ -1603,3 +1603,52 @@ fn probe_is_not_ready_without_meta() {
         );
     });
 }
+
+/// A second call on a volume while one is in flight gets ABORTED (the CO retries it) instead
+/// of racing it. Meta is frozen (SIGSTOP) for a moment, so whichever of two calls on one
+/// volume takes it first waits there; the other must be refused at once.
+#[test]
+fn a_call_on_a_busy_volume_is_aborted() {
+    let Some(s) = setup() else { return };
+    runtime().block_on(async {
+        let cap = mount_cap("ext4");
+        let c = s.a.controller().await;
+        c.clone()
+            .create_volume(create_req("pvc-busy", 16 * MIB, cap.clone()))
+            .await
+            .unwrap();
+        let pid_file = s.cluster.dir.join("meta/m1/meta.pid");
+        let meta: u32 = std::fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // An unpublish from node-3 changes nothing (the volume is not there).
+        let unpublish = |mut c: pb::controller_client::ControllerClient<
+            tonic::transport::Channel,
+        >| async move {
+            c.controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
+                volume_id: "pvc-busy".into(),
+                node_id: "node-3".into(),
+                ..Default::default()
+            })
+            .await
+        };
+        send_signal(meta, libc::SIGSTOP);
+        let first = tokio::spawn(unpublish(c.clone()));
+        let second = tokio::spawn(unpublish(c.clone()));
+        let (done, other) = match futures::future::select(first, second).await {
+            futures::future::Either::Left((r, other))
+            | futures::future::Either::Right((r, other)) => (r.unwrap(), other),
+        };
+        send_signal(meta, libc::SIGCONT);
+        let refused = done.expect_err("the call that did not wait for meta was refused");
+        assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
+        assert!(refused.message().contains("pvc-busy"), "{refused:?}");
+        other
+            .await
+            .unwrap()
+            .expect("the call that held the volume completes once meta is back");
+        delete_twice(&s.a, "pvc-busy").await;
+    });
+}
