@@ -5,35 +5,26 @@
 //! privilege is missing. Every loop device, mount and process a test creates is released by
 //! a guard, also when the test fails.
 
+mod common;
+
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cairn_csi::host::attach::{AttachConfig, AttachMode, Attacher, DetachOutcome};
+use cairn_csi::host::attach::{AttachMode, Attacher, DetachOutcome};
 use cairn_csi::host::loopdev::{self, LoopOptions};
 use cairn_csi::host::mount::{
     self, FormatOutcome, FsType, FsckOutcome, MountOutcome, Probe, UnmountOutcome,
 };
-use cairn_csi::host::{have_tool, HostError};
+use cairn_csi::host::HostError;
 
-const MIB: u64 = 1 << 20;
+use common::{
+    attach_config, can_run, helper_pid, o_direct_read, o_direct_write, pattern, process_alive,
+    refused_uri, write_synced, DetachAll, NbdKit, Unmount, MIB,
+};
+
 const MIB_USIZE: usize = 1 << 20;
-
-/// Whether the test can run; prints why not.
-fn can_run(test: &str, tools: &[&str]) -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP {test}: needs root");
-        return false;
-    }
-    if let Some(t) = tools.iter().find(|t| !have_tool(t)) {
-        eprintln!("SKIP {test}: `{t}` is not installed");
-        return false;
-    }
-    true
-}
 
 /// Whether this process may resize an ext4 filesystem online (CAP_SYS_RESOURCE, bit 24).
 fn has_cap_sys_resource() -> bool {
@@ -44,20 +35,6 @@ fn has_cap_sys_resource() -> bool {
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         .unwrap_or(0);
     eff & (1 << 24) != 0
-}
-
-/// Deterministic bytes (xorshift64*), so a mismatch is a real mismatch.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// A loop device over a sparse file; on drop, unmounts whatever is mounted from it (latest
@@ -90,23 +67,6 @@ impl Drop for LoopDev {
             eprintln!("cleanup: detach {}: {e}", self.dev.display());
         }
     }
-}
-
-/// Unmounts a path on drop.
-struct Unmount(PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        if let Err(e) = mount::unmount(&self.0) {
-            eprintln!("cleanup: unmount {}: {e}", self.0.display());
-        }
-    }
-}
-
-fn write_synced(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    let mut f = File::create(path)?;
-    f.write_all(data)?;
-    f.sync_all()
 }
 
 #[test]
@@ -364,17 +324,7 @@ fn block_mode_bind_of_a_device_node() {
 
     // Bytes written through the bound node, O_DIRECT, are the device's bytes.
     let data = pattern(3, 1 << 20);
-    let mut buf = AlignedBuf::new(data.len());
-    buf.as_mut().copy_from_slice(&data);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&target)
-        .unwrap();
-    f.seek(SeekFrom::Start(MIB)).unwrap();
-    f.write_all(buf.as_ref()).unwrap();
-    f.sync_all().unwrap();
-    drop(f);
+    o_direct_write(&target, MIB, &data);
     let mut back = vec![0u8; data.len()];
     let mut d = File::open(&lo.file).unwrap();
     d.seek(SeekFrom::Start(MIB)).unwrap();
@@ -436,127 +386,6 @@ fn probe_of_a_missing_device_is_an_error_not_blank() {
     assert!(matches!(err, HostError::Io { op: "open", .. }), "{err}");
 }
 
-/// `nbdkit memory SIZE` on a free loopback port, killed and reaped on drop.
-struct NbdKit {
-    child: std::process::Child,
-    uri: String,
-}
-
-impl NbdKit {
-    fn start(dir: &Path, size: &str) -> NbdKit {
-        // A free port, then nbdkit on it; retried if someone takes the port in between.
-        for attempt in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let pidfile = dir.join(format!("nbdkit-{attempt}.pid"));
-            let mut child = std::process::Command::new("nbdkit")
-                .args(["-f", "--exit-with-parent", "-i", "127.0.0.1", "-p"])
-                .arg(port.to_string())
-                .arg("-P")
-                .arg(&pidfile)
-                .args(["memory", size])
-                .stdin(std::process::Stdio::null())
-                .spawn()
-                .unwrap();
-            let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            let mut pause = Duration::from_millis(2);
-            loop {
-                if let Some(status) = child.try_wait().unwrap() {
-                    eprintln!("nbdkit on port {port} exited ({status}); retrying");
-                    break;
-                }
-                if std::fs::metadata(&pidfile).is_ok_and(|m| m.len() > 0) {
-                    return NbdKit {
-                        child,
-                        uri: format!("nbd://127.0.0.1:{port}/"),
-                    };
-                }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "nbdkit not ready after 20 s"
-                );
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(50));
-            }
-        }
-        panic!("nbdkit did not start");
-    }
-}
-
-impl Drop for NbdKit {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Detaches every volume an attacher knows on drop (unmount guards drop before it).
-struct DetachAll<'a>(&'a Attacher);
-
-impl Drop for DetachAll<'_> {
-    fn drop(&mut self) {
-        for st in self.0.list().unwrap_or_default() {
-            if let Some(dev) = &st.device {
-                for mp in mount::mount_points_of(dev).unwrap_or_default() {
-                    let _ = mount::unmount(&mp);
-                }
-            }
-            if let Err(e) = self.0.detach(&st.volume_id) {
-                eprintln!("cleanup: detach {}: {e}", st.volume_id);
-            }
-        }
-    }
-}
-
-fn nbdfuse_pid(attacher: &Attacher, volume: &str) -> u32 {
-    let pidfile = attacher.state_dir().join(volume).join("nbdfuse.pid");
-    std::fs::read_to_string(pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
-/// Live and not a zombie.
-fn process_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            let state = s
-                .rsplit_once(')')
-                .map(|(_, r)| r.trim_start().chars().next());
-            !matches!(state, Some(Some('Z' | 'X')))
-        })
-        .unwrap_or(false)
-}
-
-fn o_direct_write(dev: &Path, offset: u64, data: &[u8]) {
-    let mut buf = AlignedBuf::new(data.len());
-    buf.as_mut().copy_from_slice(data);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(dev)
-        .unwrap();
-    f.seek(SeekFrom::Start(offset)).unwrap();
-    f.write_all(buf.as_ref()).unwrap();
-    f.sync_all().unwrap();
-}
-
-fn o_direct_read(dev: &Path, offset: u64, len: usize) -> Vec<u8> {
-    let mut buf = AlignedBuf::new(len);
-    let mut f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(dev)
-        .unwrap();
-    f.seek(SeekFrom::Start(offset)).unwrap();
-    f.read_exact(buf.as_mut()).unwrap();
-    buf.as_ref().to_vec()
-}
-
 #[test]
 fn nbdfuse_attach_is_idempotent_survives_restart_and_detaches() {
     if !can_run(
@@ -566,10 +395,8 @@ fn nbdfuse_attach_is_idempotent_survives_restart_and_detaches() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let server = NbdKit::start(dir.path(), "64M");
-    let mut cfg = AttachConfig::new(dir.path().join("state"));
-    cfg.ready_timeout = Duration::from_secs(20);
-    cfg.detach_timeout = Duration::from_secs(20);
+    let server = NbdKit::start(dir.path(), &["memory", "64M"]);
+    let cfg = attach_config(dir.path());
     let attacher = Attacher::with_config(cfg.clone()).unwrap();
     let _cleanup = DetachAll(&attacher);
 
@@ -580,7 +407,7 @@ fn nbdfuse_attach_is_idempotent_survives_restart_and_detaches() {
     assert_eq!(a.mode, AttachMode::Fuse);
     assert!(a.device.to_string_lossy().starts_with("/dev/loop"), "{a:?}");
     assert_eq!(mount::block_device_size(&a.device).unwrap(), 64 * MIB);
-    let pid = nbdfuse_pid(&attacher, "vol-a");
+    let pid = helper_pid(&attacher, "vol-a");
     assert!(process_alive(pid));
     // nbdfuse runs in its own session.
     // SAFETY: getsid has no memory effects.
@@ -723,10 +550,8 @@ fn nbdfuse_attach_recovers_half_done_and_dead_attachments() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let server = NbdKit::start(dir.path(), "16M");
-    let mut cfg = AttachConfig::new(dir.path().join("state"));
-    cfg.ready_timeout = Duration::from_secs(20);
-    cfg.detach_timeout = Duration::from_secs(20);
+    let server = NbdKit::start(dir.path(), &["memory", "16M"]);
+    let cfg = attach_config(dir.path());
     let attacher = Attacher::with_config(cfg).unwrap();
     let _cleanup = DetachAll(&attacher);
     let data = pattern(21, 64 << 10);
@@ -748,7 +573,7 @@ fn nbdfuse_attach_recovers_half_done_and_dead_attachments() {
     assert!(o_direct_read(&b.device, 0, data.len()) == data);
 
     // nbdfuse killed: the attachment is stale and is rebuilt with a new nbdfuse.
-    let pid = nbdfuse_pid(&attacher, "vol-b");
+    let pid = helper_pid(&attacher, "vol-b");
     let pid_t = i32::try_from(pid).unwrap();
     // SAFETY: kill(2) has no memory effects; the pid is the nbdfuse this test started.
     let rc = unsafe { libc::kill(pid_t, libc::SIGKILL) };
@@ -767,18 +592,13 @@ fn nbdfuse_attach_recovers_half_done_and_dead_attachments() {
     let c = attacher
         .attach("vol-b", &server.uri, AttachMode::Fuse, false)
         .unwrap();
-    assert_ne!(nbdfuse_pid(&attacher, "vol-b"), pid);
+    assert_ne!(helper_pid(&attacher, "vol-b"), pid);
     assert!(o_direct_read(&c.device, 0, data.len()) == data);
     assert!(attacher.list().unwrap()[0].healthy);
     assert_eq!(attacher.detach("vol-b").unwrap(), DetachOutcome::Detached);
 
     // A server that is not there: the error carries nbdfuse's stderr; nothing is left.
-    let refused = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        drop(l);
-        format!("nbd://127.0.0.1:{port}/x")
-    };
+    let refused = refused_uri();
     let err = attacher
         .attach("vol-c", &refused, AttachMode::Fuse, false)
         .unwrap_err();
@@ -820,7 +640,7 @@ fn nbdfuse_attachment_outlives_the_process_that_made_it() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let server = NbdKit::start(dir.path(), "8M");
+    let server = NbdKit::start(dir.path(), &["memory", "8M"]);
     let state = dir.path().join("state");
     let attacher = Attacher::new(&state).unwrap();
     let _cleanup = DetachAll(&attacher);
@@ -850,7 +670,7 @@ fn nbdfuse_attachment_outlives_the_process_that_made_it() {
         .unwrap_or_else(|| panic!("child printed no device: {stdout}"));
 
     // Its nbdfuse still serves: this process finds the attachment and uses it.
-    let pid = nbdfuse_pid(&attacher, "vol-x");
+    let pid = helper_pid(&attacher, "vol-x");
     assert!(process_alive(pid));
     let listed = attacher.list().unwrap();
     assert!(listed.len() == 1 && listed[0].healthy, "{listed:?}");
@@ -866,38 +686,4 @@ fn nbdfuse_attachment_outlives_the_process_that_made_it() {
     assert_eq!(attacher.detach("vol-x").unwrap(), DetachOutcome::Detached);
     assert!(!process_alive(pid), "nbdfuse {pid} still runs");
     assert_eq!(loopdev::backing_file(&device).unwrap(), None);
-}
-
-/// A 4096-aligned heap buffer for O_DIRECT.
-struct AlignedBuf {
-    ptr: *mut u8,
-    layout: std::alloc::Layout,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> AlignedBuf {
-        let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
-        assert!(len > 0);
-        // SAFETY: the layout is valid and of non-zero size (asserted above).
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        assert!(!ptr.is_null());
-        AlignedBuf { ptr, layout }
-    }
-
-    fn as_ref(&self) -> &[u8] {
-        // SAFETY: ptr points to layout.size() initialised (zeroed) bytes owned by self.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
-    }
-
-    fn as_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in as_ref, and &mut self gives exclusive access.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: ptr was allocated with this layout by alloc_zeroed and is freed once.
-        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
-    }
 }

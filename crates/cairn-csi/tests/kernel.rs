@@ -6,18 +6,17 @@
 //! elsewhere it prints `SKIP: ...` and passes. Every device and process it creates is released
 //! by a guard, also when the test fails.
 
+mod common;
+
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use cairn_csi::host::attach::{AttachConfig, AttachMode, Attacher, DetachOutcome};
 use cairn_csi::host::nbd_netlink::KernelNbd;
 use cairn_csi::host::{have_tool, mount};
 
-const MIB: u64 = 1 << 20;
+use common::{o_direct_read, o_direct_write, pattern, NbdKit, MIB};
 
 /// Whether the test can run here; prints why not.
 fn can_run() -> bool {
@@ -37,108 +36,6 @@ fn can_run() -> bool {
     true
 }
 
-/// Deterministic bytes (xorshift64*), so a mismatch is a real mismatch.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
-/// nbdkit with `plugin_args` on loopback port `port` (0: a free one), killed and reaped on
-/// drop. Can be restarted on the same port.
-struct NbdKit {
-    child: Child,
-    port: u16,
-    plugin_args: Vec<String>,
-    dir: PathBuf,
-}
-
-impl NbdKit {
-    fn start(dir: &Path, plugin_args: &[&str]) -> NbdKit {
-        let plugin_args: Vec<String> = plugin_args.iter().map(|s| s.to_string()).collect();
-        for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            if let Some(child) = spawn_nbdkit(dir, port, &plugin_args) {
-                return NbdKit {
-                    child,
-                    port,
-                    plugin_args,
-                    dir: dir.to_owned(),
-                };
-            }
-        }
-        panic!("nbdkit did not start");
-    }
-
-    fn uri(&self) -> String {
-        format!("nbd://127.0.0.1:{}/", self.port)
-    }
-
-    /// Kills the server (its connections die with it) and starts it again on the same port.
-    fn restart(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(child) = spawn_nbdkit(&self.dir, self.port, &self.plugin_args) {
-                self.child = child;
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "nbdkit did not restart on {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-/// nbdkit on `port`, once it wrote its pidfile; `None` if it exited (port taken).
-fn spawn_nbdkit(dir: &Path, port: u16, plugin_args: &[String]) -> Option<Child> {
-    let pidfile = dir.join(format!("nbdkit-{port}.pid"));
-    let _ = std::fs::remove_file(&pidfile);
-    let mut child = Command::new("nbdkit")
-        .args(["-f", "--exit-with-parent", "-i", "127.0.0.1", "-p"])
-        .arg(port.to_string())
-        .arg("-P")
-        .arg(&pidfile)
-        .args(plugin_args)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            eprintln!("nbdkit on port {port} exited ({status})");
-            return None;
-        }
-        if std::fs::metadata(&pidfile).is_ok_and(|m| m.len() > 0) {
-            return Some(child);
-        }
-        assert!(Instant::now() < deadline, "nbdkit not ready after 20 s");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-impl Drop for NbdKit {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Detaches every volume of a state directory on drop.
 struct DetachAll(AttachConfig);
 
@@ -153,65 +50,6 @@ impl Drop for DetachAll {
             }
         }
     }
-}
-
-/// A 4096-aligned heap buffer for O_DIRECT.
-struct AlignedBuf {
-    ptr: *mut u8,
-    layout: std::alloc::Layout,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> AlignedBuf {
-        let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
-        assert!(len > 0);
-        // SAFETY: the layout is valid and of non-zero size (asserted above).
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        assert!(!ptr.is_null());
-        AlignedBuf { ptr, layout }
-    }
-
-    fn as_ref(&self) -> &[u8] {
-        // SAFETY: ptr points to layout.size() initialised (zeroed) bytes owned by self.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
-    }
-
-    fn as_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in as_ref, and &mut self gives exclusive access.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: ptr was allocated with this layout by alloc_zeroed and is freed once.
-        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
-    }
-}
-
-fn o_direct_write(dev: &Path, offset: u64, data: &[u8]) {
-    let mut buf = AlignedBuf::new(data.len());
-    buf.as_mut().copy_from_slice(data);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(dev)
-        .unwrap();
-    f.seek(SeekFrom::Start(offset)).unwrap();
-    f.write_all(buf.as_ref()).unwrap();
-    f.sync_all().unwrap();
-}
-
-fn o_direct_read(dev: &Path, offset: u64, len: usize) -> Vec<u8> {
-    let mut buf = AlignedBuf::new(len);
-    let mut f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(dev)
-        .unwrap();
-    f.seek(SeekFrom::Start(offset)).unwrap();
-    f.read_exact(buf.as_mut()).unwrap();
-    buf.as_ref().to_vec()
 }
 
 /// What `NBD_CMD_STATUS` says of `device` (`/dev/nbdN`).
@@ -250,7 +88,7 @@ fn kernel_attach_io_reconnect_grow_detach() {
 
     // Attach, byte-exact O_DIRECT I/O.
     let a = first
-        .attach("vol-k", &memory.uri(), AttachMode::Kernel, false)
+        .attach("vol-k", &memory.uri, AttachMode::Kernel, false)
         .unwrap();
     assert_eq!(a.mode, AttachMode::Kernel);
     assert!(a.device.to_str().unwrap().starts_with("/dev/nbd"), "{a:?}");
@@ -263,7 +101,7 @@ fn kernel_attach_io_reconnect_grow_detach() {
     // Idempotent: the same device.
     assert_eq!(
         first
-            .attach("vol-k", &memory.uri(), AttachMode::Kernel, false)
+            .attach("vol-k", &memory.uri, AttachMode::Kernel, false)
             .unwrap(),
         a
     );
@@ -282,12 +120,12 @@ fn kernel_attach_io_reconnect_grow_detach() {
     assert_eq!(listed[0].device.as_deref(), Some(a.device.as_path()));
     assert_eq!(
         attacher
-            .attach("vol-k", &memory.uri(), AttachMode::Kernel, false)
+            .attach("vol-k", &memory.uri, AttachMode::Kernel, false)
             .unwrap(),
         a
     );
     assert!(matches!(
-        attacher.attach("vol-k", &memory.uri(), AttachMode::Kernel, true),
+        attacher.attach("vol-k", &memory.uri, AttachMode::Kernel, true),
         Err(cairn_csi::host::HostError::AttachConflict { .. })
     ));
 
@@ -304,7 +142,7 @@ fn kernel_attach_io_reconnect_grow_detach() {
     File::create(&image).unwrap().set_len(32 * MIB).unwrap();
     let file = NbdKit::start(dir.path(), &["file", image.to_str().unwrap()]);
     let g = attacher
-        .attach("vol-g", &file.uri(), AttachMode::Kernel, false)
+        .attach("vol-g", &file.uri, AttachMode::Kernel, false)
         .unwrap();
     assert_ne!(g.device, a.device);
     assert_eq!(mount::block_device_size(&g.device).unwrap(), 32 * MIB);

@@ -12,13 +12,13 @@
 //! privilege is missing. Every loop device, mount and process a test creates is released by a
 //! guard, also when the test fails.
 
+mod common;
+
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::SocketAddr;
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use cairn_csi::host::attach::{AttachConfig, AttachMode, Attacher, DetachOutcome};
 use cairn_csi::host::loopdev;
@@ -26,7 +26,10 @@ use cairn_csi::host::mount::{self, FsType, MountOutcome};
 use cairn_csi::host::nbdfile::{self, NbdFileOptions};
 use cairn_csi::host::{have_tool, HostError};
 
-const MIB: u64 = 1 << 20;
+use common::{
+    attach_config, can_run, helper_pid, o_direct_read, o_direct_write, pattern, process_alive,
+    refused_uri, wait_for, write_synced, DetachAll, NbdKit, Unmount, MIB,
+};
 
 /// Not a test on its own: the `cairn nbd-file` process of the other tests, run by the script
 /// [`fake_cairn`] writes as `TEST_BINARY --exact nbd_file_server_process -- nbd-file ARGS`.
@@ -80,84 +83,28 @@ fn fake_cairn(dir: &Path) -> PathBuf {
     path
 }
 
-/// Whether the test can run; prints why not.
-fn can_run(test: &str, tools: &[&str]) -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP {test}: needs root");
-        return false;
-    }
-    if let Some(t) = tools.iter().find(|t| !have_tool(t)) {
-        eprintln!("SKIP {test}: `{t}` is not installed");
-        return false;
-    }
-    true
-}
-
-/// Deterministic bytes (xorshift64*), so a mismatch is a real mismatch.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// `nbdkit file IMAGE` on a free loopback port, refusing I/O not aligned to 4 KiB; killed
 /// and reaped on drop. The export grows when the image does (nbdkit sizes each connection).
-struct NbdKit {
-    child: std::process::Child,
-    port: u16,
+struct FileExport {
+    kit: NbdKit,
     image: PathBuf,
-    uri: String,
 }
 
-impl NbdKit {
-    fn start(dir: &Path, size: u64) -> NbdKit {
+impl FileExport {
+    fn start(dir: &Path, size: u64) -> FileExport {
         let image = dir.join("export.img");
         File::create(&image).unwrap().set_len(size).unwrap();
-        for attempt in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let pidfile = dir.join(format!("nbdkit-{attempt}.pid"));
-            let mut child = std::process::Command::new("nbdkit")
-                .args(["-f", "--exit-with-parent", "-i", "127.0.0.1", "-p"])
-                .arg(port.to_string())
-                .arg("-P")
-                .arg(&pidfile)
-                .args(["--filter=blocksize-policy", "file"])
-                .arg(&image)
-                .args(["blocksize-minimum=4096", "blocksize-error-policy=error"])
-                .stdin(std::process::Stdio::null())
-                .spawn()
-                .unwrap();
-            let ready = wait_for(&format!("nbdkit on port {port}"), || {
-                if child.try_wait().unwrap().is_some() {
-                    return Some(false);
-                }
-                std::fs::metadata(&pidfile)
-                    .is_ok_and(|m| m.len() > 0)
-                    .then_some(true)
-            });
-            if ready {
-                return NbdKit {
-                    child,
-                    port,
-                    image,
-                    uri: format!("nbd://127.0.0.1:{port}/"),
-                };
-            }
-            eprintln!("nbdkit on port {port} exited; retrying");
-        }
-        panic!("nbdkit did not start");
+        let kit = NbdKit::start(
+            dir,
+            &[
+                "--filter=blocksize-policy",
+                "file",
+                image.to_str().unwrap(),
+                "blocksize-minimum=4096",
+                "blocksize-error-policy=error",
+            ],
+        );
+        FileExport { kit, image }
     }
 
     /// Makes the export `size` bytes (new connections see it).
@@ -172,7 +119,7 @@ impl NbdKit {
 
     /// The export's size as a new NBD connection sees it.
     fn size_for_new_connection(&self) -> u64 {
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.kit.port));
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -196,120 +143,14 @@ impl NbdKit {
     }
 }
 
-impl Drop for NbdKit {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Polls `f` (2 ms, backing off to 50 ms) for up to 20 s; panics on timeout.
-fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut pause = Duration::from_millis(2);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{what}: not done after 20 s");
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_millis(50));
-    }
-}
-
-/// Detaches every volume an attacher knows on drop, unmounting what is mounted from them.
-struct DetachAll<'a>(&'a Attacher);
-
-impl Drop for DetachAll<'_> {
-    fn drop(&mut self) {
-        for st in self.0.list().unwrap_or_default() {
-            if let Some(dev) = &st.device {
-                let mut mps = mount::mount_points_of(dev).unwrap_or_default();
-                mps.reverse();
-                for mp in mps {
-                    let _ = mount::unmount(&mp);
-                }
-            }
-            if let Err(e) = self.0.detach(&st.volume_id) {
-                eprintln!("cleanup: detach {}: {e}", st.volume_id);
-            }
-        }
-    }
-}
-
-/// Unmounts a path on drop.
-struct Unmount(PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        if let Err(e) = mount::unmount(&self.0) {
-            eprintln!("cleanup: unmount {}: {e}", self.0.display());
-        }
-    }
-}
-
 fn attacher(dir: &Path) -> (Attacher, AttachConfig) {
-    let mut cfg = AttachConfig::new(dir.join("state"));
+    let mut cfg = attach_config(dir);
     cfg.cairn = fake_cairn(dir);
-    cfg.ready_timeout = Duration::from_secs(20);
-    cfg.detach_timeout = Duration::from_secs(20);
     (Attacher::with_config(cfg.clone()).unwrap(), cfg)
-}
-
-fn helper_pid(attacher: &Attacher, volume: &str) -> u32 {
-    let pidfile = attacher.state_dir().join(volume).join("nbdfuse.pid");
-    std::fs::read_to_string(pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 fn disk_file(attacher: &Attacher, volume: &str) -> PathBuf {
     attacher.state_dir().join(volume).join("fuse/disk")
-}
-
-/// Live and not a zombie.
-fn process_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            let state = s
-                .rsplit_once(')')
-                .map(|(_, r)| r.trim_start().chars().next());
-            !matches!(state, Some(Some('Z' | 'X')))
-        })
-        .unwrap_or(false)
-}
-
-fn o_direct_write(dev: &Path, offset: u64, data: &[u8]) {
-    let mut buf = AlignedBuf::new(data.len());
-    buf.as_mut().copy_from_slice(data);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(dev)
-        .unwrap();
-    f.seek(SeekFrom::Start(offset)).unwrap();
-    f.write_all(buf.as_ref()).unwrap();
-    f.sync_all().unwrap();
-}
-
-fn o_direct_read(dev: &Path, offset: u64, len: usize) -> Vec<u8> {
-    let mut buf = AlignedBuf::new(len);
-    let mut f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(dev)
-        .unwrap();
-    f.seek(SeekFrom::Start(offset)).unwrap();
-    f.read_exact(buf.as_mut()).unwrap();
-    buf.as_ref().to_vec()
-}
-
-fn write_synced(path: &Path, data: &[u8]) {
-    let mut f = File::create(path).unwrap();
-    f.write_all(data).unwrap();
-    f.sync_all().unwrap();
 }
 
 /// Detaches `volume` and checks that nothing is left: loop device, FUSE mount, helper, state.
@@ -332,14 +173,14 @@ fn cairn_fuse_attach_writes_grows_online_and_detaches() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let server = NbdKit::start(dir.path(), 64 * MIB);
+    let server = FileExport::start(dir.path(), 64 * MIB);
     let (attacher, cfg) = attacher(dir.path());
     let _cleanup = DetachAll(&attacher);
 
     // Attach: a 4 KiB-sector block device of the export's size, served by a helper in its
     // own session.
     let a = attacher
-        .attach("vol-g", &server.uri, AttachMode::CairnFuse, false)
+        .attach("vol-g", &server.kit.uri, AttachMode::CairnFuse, false)
         .unwrap();
     assert_eq!(a.mode, AttachMode::CairnFuse);
     assert!(a.device.to_string_lossy().starts_with("/dev/loop"), "{a:?}");
@@ -381,12 +222,12 @@ fn cairn_fuse_attach_writes_grows_online_and_detaches() {
     // Idempotent; a restarted `cairn csi` finds the attachment, in its mode.
     assert_eq!(
         attacher
-            .attach("vol-g", &server.uri, AttachMode::CairnFuse, false)
+            .attach("vol-g", &server.kit.uri, AttachMode::CairnFuse, false)
             .unwrap(),
         a
     );
     assert!(matches!(
-        attacher.attach("vol-g", &server.uri, AttachMode::Fuse, false),
+        attacher.attach("vol-g", &server.kit.uri, AttachMode::Fuse, false),
         Err(HostError::AttachConflict { .. })
     ));
     let restarted = Attacher::with_config(cfg).unwrap();
@@ -405,7 +246,7 @@ fn cairn_fuse_attach_writes_grows_online_and_detaches() {
         .map(|i| (mnt.join(format!("f{i}")), pattern(200 + i, 3 << 20)))
         .collect();
     for (p, d) in &files {
-        write_synced(p, d);
+        write_synced(p, d).unwrap();
     }
 
     // The export grows: new connections see it, the attached file does not yet.
@@ -444,7 +285,7 @@ fn cairn_fuse_attach_writes_grows_online_and_detaches() {
 
     // The data outlives the attachment, at the new size.
     let b = attacher
-        .attach("vol-g", &server.uri, AttachMode::CairnFuse, false)
+        .attach("vol-g", &server.kit.uri, AttachMode::CairnFuse, false)
         .unwrap();
     assert_eq!(mount::block_device_size(&b.device).unwrap(), 128 * MIB);
     mount::format_and_mount(&b.device, &mnt, FsType::Ext4, &[], false).unwrap();
@@ -472,17 +313,17 @@ fn cairn_fuse_xfs_grows_while_mounted() {
     }
     let dir = tempfile::tempdir().unwrap();
     // mkfs.xfs wants at least 300 MiB.
-    let server = NbdKit::start(dir.path(), 512 * MIB);
+    let server = FileExport::start(dir.path(), 512 * MIB);
     let (attacher, _) = attacher(dir.path());
     let _cleanup = DetachAll(&attacher);
     let a = attacher
-        .attach("vol-x", &server.uri, AttachMode::CairnFuse, false)
+        .attach("vol-x", &server.kit.uri, AttachMode::CairnFuse, false)
         .unwrap();
     let mnt = dir.path().join("mnt");
     mount::format_and_mount(&a.device, &mnt, FsType::Xfs, &[], false).unwrap();
     let mnt_guard = Unmount(mnt.clone());
     let data = pattern(7, 5 << 20);
-    write_synced(&mnt.join("before"), &data);
+    write_synced(&mnt.join("before"), &data).unwrap();
     let total = |p: &Path| {
         let st = rustix::fs::statvfs(p).unwrap();
         st.f_blocks * st.f_frsize
@@ -504,7 +345,7 @@ fn cairn_fuse_xfs_grows_while_mounted() {
     // Fill past the old end of the device.
     let big = pattern(8, 64 << 20);
     for i in 0..8 {
-        write_synced(&mnt.join(format!("after{i}")), &big);
+        write_synced(&mnt.join(format!("after{i}")), &big).unwrap();
     }
     for i in 0..8 {
         assert!(std::fs::read(mnt.join(format!("after{i}"))).unwrap() == big);
@@ -536,11 +377,11 @@ fn cairn_fuse_file_refuses_unaligned_and_out_of_range_io() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let server = NbdKit::start(dir.path(), 16 * MIB);
+    let server = FileExport::start(dir.path(), 16 * MIB);
     let (attacher, _) = attacher(dir.path());
     let _cleanup = DetachAll(&attacher);
     let a = attacher
-        .attach("vol-u", &server.uri, AttachMode::CairnFuse, false)
+        .attach("vol-u", &server.kit.uri, AttachMode::CairnFuse, false)
         .unwrap();
     let data = pattern(9, 64 << 10);
     o_direct_write(&a.device, 0, &data);
@@ -614,11 +455,11 @@ fn cairn_fuse_dead_helper_is_rebuilt() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let server = NbdKit::start(dir.path(), 16 * MIB);
+    let server = FileExport::start(dir.path(), 16 * MIB);
     let (attacher, _) = attacher(dir.path());
     let _cleanup = DetachAll(&attacher);
     let a = attacher
-        .attach("vol-d", &server.uri, AttachMode::CairnFuse, false)
+        .attach("vol-d", &server.kit.uri, AttachMode::CairnFuse, false)
         .unwrap();
     let data = pattern(10, 128 << 10);
     o_direct_write(&a.device, 4096, &data);
@@ -636,7 +477,7 @@ fn cairn_fuse_dead_helper_is_rebuilt() {
     assert!(attacher.grow_device("vol-d", 32 * MIB).is_err());
 
     let b = attacher
-        .attach("vol-d", &server.uri, AttachMode::CairnFuse, false)
+        .attach("vol-d", &server.kit.uri, AttachMode::CairnFuse, false)
         .unwrap();
     let pid = helper_pid(&attacher, "vol-d");
     assert!(process_alive(pid));
@@ -644,50 +485,11 @@ fn cairn_fuse_dead_helper_is_rebuilt() {
     detach_and_check_clean(&attacher, "vol-d", &b.device, pid);
 
     // A server that is not there: the helper's error is reported; nothing is left.
-    let refused = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        drop(l);
-        format!("nbd://127.0.0.1:{port}/x")
-    };
+    let refused = refused_uri();
     let err = attacher
         .attach("vol-r", &refused, AttachMode::CairnFuse, false)
         .unwrap_err();
     assert!(matches!(err, HostError::HelperExited { .. }), "{err}");
     assert!(err.to_string().contains("connect"), "{err}");
     assert!(attacher.list().unwrap().is_empty());
-}
-
-/// A 4096-aligned heap buffer for O_DIRECT.
-struct AlignedBuf {
-    ptr: *mut u8,
-    layout: std::alloc::Layout,
-}
-
-impl AlignedBuf {
-    fn new(len: usize) -> AlignedBuf {
-        let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
-        assert!(len > 0);
-        // SAFETY: the layout is valid and of non-zero size (asserted above).
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        assert!(!ptr.is_null());
-        AlignedBuf { ptr, layout }
-    }
-
-    fn as_ref(&self) -> &[u8] {
-        // SAFETY: ptr points to layout.size() initialised (zeroed) bytes owned by self.
-        unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
-    }
-
-    fn as_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in as_ref, and &mut self gives exclusive access.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: ptr was allocated with this layout by alloc_zeroed and is freed once.
-        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
-    }
 }
