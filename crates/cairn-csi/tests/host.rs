@@ -71,6 +71,7 @@ impl Drop for LoopDev {
 
 #[test]
 fn ext4_lifecycle_on_a_loop_device() {
+    let _serial = common::serial();
     if !can_run(
         "ext4_lifecycle_on_a_loop_device",
         &[
@@ -272,6 +273,7 @@ fn ext4_lifecycle_on_a_loop_device() {
 
 #[test]
 fn fsck_reports_an_unrepairable_filesystem() {
+    let _serial = common::serial();
     if !can_run(
         "fsck_reports_an_unrepairable_filesystem",
         &["losetup", "blkid", "mkfs.ext4", "e2fsck"],
@@ -297,6 +299,7 @@ fn fsck_reports_an_unrepairable_filesystem() {
 
 #[test]
 fn block_mode_bind_of_a_device_node() {
+    let _serial = common::serial();
     if !can_run(
         "block_mode_bind_of_a_device_node",
         &["losetup", "mount", "umount"],
@@ -340,6 +343,7 @@ fn block_mode_bind_of_a_device_node() {
 
 #[test]
 fn xfs_format_mount_and_grow() {
+    let _serial = common::serial();
     if !can_run(
         "xfs_format_mount_and_grow",
         &["losetup", "blkid", "mkfs.xfs", "xfs_growfs"],
@@ -388,6 +392,7 @@ fn probe_of_a_missing_device_is_an_error_not_blank() {
 
 #[test]
 fn nbdfuse_attach_is_idempotent_survives_restart_and_detaches() {
+    let _serial = common::serial();
     if !can_run(
         "nbdfuse_attach_is_idempotent_survives_restart_and_detaches",
         &["nbdkit", "nbdfuse", "fusermount3", "losetup", "nbdcopy"],
@@ -509,7 +514,10 @@ fn nbdfuse_attach_is_idempotent_survives_restart_and_detaches() {
 
     // Detach: device, FUSE mount, nbdfuse and state gone; again is a no-op.
     assert_eq!(restarted.detach("vol-a").unwrap(), DetachOutcome::Detached);
-    assert_eq!(loopdev::backing_file(&a.device).unwrap(), None);
+    // No loop device is backed by its file any more (the freed number may already serve
+    // another test's file).
+    let disk = attacher.state_dir().join("vol-a/fuse/disk");
+    assert!(loopdev::devices_of(&disk).unwrap().is_empty());
     assert!(!process_alive(pid), "nbdfuse {pid} still runs");
     assert!(!attacher.state_dir().join("vol-a").exists());
     assert!(restarted.list().unwrap().is_empty());
@@ -543,6 +551,7 @@ fn nbdfuse_attach_is_idempotent_survives_restart_and_detaches() {
 
 #[test]
 fn nbdfuse_attach_recovers_half_done_and_dead_attachments() {
+    let _serial = common::serial();
     if !can_run(
         "nbdfuse_attach_recovers_half_done_and_dead_attachments",
         &["nbdkit", "nbdfuse", "fusermount3", "losetup"],
@@ -633,6 +642,7 @@ fn child_process_attach_helper() {
 
 #[test]
 fn nbdfuse_attachment_outlives_the_process_that_made_it() {
+    let _serial = common::serial();
     if !can_run(
         "nbdfuse_attachment_outlives_the_process_that_made_it",
         &["nbdkit", "nbdfuse", "fusermount3", "losetup"],
@@ -685,5 +695,10 @@ fn nbdfuse_attachment_outlives_the_process_that_made_it() {
     // And detaches it, waiting for an nbdfuse that is not its child.
     assert_eq!(attacher.detach("vol-x").unwrap(), DetachOutcome::Detached);
     assert!(!process_alive(pid), "nbdfuse {pid} still runs");
-    assert_eq!(loopdev::backing_file(&device).unwrap(), None);
+    let disk = attacher.state_dir().join("vol-x/fuse/disk");
+    assert!(
+        loopdev::devices_of(&disk).unwrap().is_empty(),
+        "{}",
+        device.display()
+    );
 }

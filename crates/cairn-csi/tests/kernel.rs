@@ -68,6 +68,7 @@ fn kernel_connected(rt: &tokio::runtime::Runtime, device: &Path) -> bool {
 
 #[test]
 fn kernel_attach_io_reconnect_grow_detach() {
+    let _serial = common::serial();
     if !can_run() {
         return;
     }

@@ -110,9 +110,9 @@ pub fn set_capacity(device: &Path) -> Result<()> {
 /// attached (`losetup -d` would only mark it for auto-clear). Detaching a device that has no
 /// backing file is a no-op.
 pub fn detach(device: &Path, timeout: Duration) -> Result<()> {
-    if backing_file(device)?.is_none() {
+    let Some(file) = backing_file(device)? else {
         return Ok(());
-    }
+    };
     match OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_EXCL)
@@ -127,16 +127,20 @@ pub fn detach(device: &Path, timeout: Duration) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(HostError::io("open", device, e)),
     }
+    // Released means: no longer backed by *this* file. Another attach may take the freed
+    // device number for its own file at once; that is not ours to wait for.
+    let still_ours =
+        || Ok::<_, HostError>(backing_file(device)?.as_deref() == Some(file.as_path()));
     if let Err(e) = Cmd::new("losetup").arg("-d").arg(device).run() {
         // It may have been detached meanwhile.
-        if backing_file(device)?.is_some() {
+        if still_ours()? {
             return Err(e);
         }
     }
     poll(
         &format!("release of {}", device.display()),
         timeout,
-        || Ok(backing_file(device)?.is_none().then_some(())),
+        || Ok((!still_ours()?).then_some(())),
         || "it is still open somewhere (auto-clear pending)".into(),
     )?;
     tracing::info!(device = %device.display(), "loop device detached");

@@ -17,6 +17,15 @@ use cairn_csi::host::{have_tool, mount};
 pub const MIB: u64 = 1 << 20;
 
 /// Whether the test can run (root, and every one of `tools` installed); prints why not.
+/// Held by every test that sets up loop devices, mounts or helper processes: they run one at
+/// a time within a test binary. Loop device numbers are global; run side by side, one test's
+/// freed device is another's new one, and checks about "the device" race.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 pub fn can_run(test: &str, tools: &[&str]) -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
