@@ -175,6 +175,7 @@ mod tests {
             attached_node: "node1".into(),
             data_locality: DataLocality::BestEffort.into(),
             stale_replica_timeout_seconds: 3600,
+            filling_from: "snapshot vol9/s1".into(),
         };
         let replica = Replica {
             name: "vol0-r1".into(),

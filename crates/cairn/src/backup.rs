@@ -273,6 +273,7 @@ pub fn run(cmd: BackupCommand) -> anyhow::Result<ExitCode> {
                     data_locality: DataLocality::Disabled,
                     node,
                     stale_replica_timeout: None,
+                    source: format!("backup {backup}"),
                 },
                 concurrency,
             ))??;

@@ -198,6 +198,10 @@ pub struct VolumeJson {
     pub attached_node: String,
     /// `disabled`, `best-effort` (or `unspecified`, treated as disabled).
     pub data_locality: String,
+    /// What the volume is being filled from (a clone or restore in progress, or one whose
+    /// process died); empty once complete.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub filling_from: String,
 }
 
 impl From<&Volume> for VolumeJson {
@@ -216,6 +220,7 @@ impl From<&Volume> for VolumeJson {
                 DataLocality::Unspecified,
                 DataLocality::cli_name,
             ),
+            filling_from: v.filling_from.clone(),
         }
     }
 }
@@ -371,6 +376,12 @@ pub fn print_volume(v: &VolumeJson) {
     println!("attached to:   {}", or_dash(&v.attached_node));
     println!("epoch:         {}", v.epoch);
     println!("data locality: {}", v.data_locality);
+    if !v.filling_from.is_empty() {
+        println!(
+            "filling from:  {} (not a complete copy yet)",
+            v.filling_from
+        );
+    }
     println!("version:       {}", v.version);
 }
 

@@ -428,6 +428,29 @@ pub async fn create_async(
     data_locality: DataLocality,
     stale_replica_timeout: Option<std::time::Duration>,
 ) -> anyhow::Result<Volume> {
+    create_filling_async(
+        addr,
+        name,
+        size,
+        replicas,
+        data_locality,
+        stale_replica_timeout,
+        "",
+    )
+    .await
+}
+
+/// [`create_async`] of a volume that a fill will write next: the record carries
+/// `filling_from` (what it is filled from) from its creation until [`fill_done`].
+pub async fn create_filling_async(
+    addr: &str,
+    name: &str,
+    size: u64,
+    replicas: u32,
+    data_locality: DataLocality,
+    stale_replica_timeout: Option<std::time::Duration>,
+    filling_from: &str,
+) -> anyhow::Result<Volume> {
     validate_new(name, size, replicas)?;
     let stale_replica_timeout_seconds = stale_timeout_seconds(stale_replica_timeout)?;
     let rec = Record {
@@ -439,6 +462,7 @@ pub async fn create_async(
             state_reason: "waiting for scheduling".into(),
             data_locality: data_locality as i32,
             stale_replica_timeout_seconds,
+            filling_from: filling_from.to_owned(),
             ..Default::default()
         })),
     };
@@ -718,6 +742,25 @@ pub async fn update_volume(
         Some(record::Record::Volume(v)) => Ok(v),
         other => anyhow::bail!("meta answered Update of volume {name} with {other:?}"),
     }
+}
+
+/// Marks the fill of volume `name` complete (clears `filling_from`).
+pub async fn fill_done(addr: &str, name: &str) -> anyhow::Result<()> {
+    let mut client = records::client(addr)?;
+    for _ in 0..20 {
+        let mut v = get_volume_async(&mut client, addr, name).await?;
+        if v.filling_from.is_empty() {
+            return Ok(());
+        }
+        v.filling_from.clear();
+        match update_volume(&mut client, addr, v).await {
+            Ok(_) => return Ok(()),
+            // Changed meanwhile (an agent or a controller wrote it): read it again.
+            Err(e) if e.to_string().contains("changed meanwhile") => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    anyhow::bail!("volume {name} kept changing; its fill could not be marked complete")
 }
 
 /// Records the attachment of `name` to `node` (raising the epoch) and returns the volume as
@@ -1112,6 +1155,7 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                 data_locality,
                 node,
                 stale_replica_timeout: stale_replica_timeout.map(Into::into),
+                source: format!("snapshot {from}"),
             };
             clone(&from, spec, concurrency, &meta)
         }),

@@ -276,6 +276,9 @@ pub struct NewVolume {
     pub node: Option<String>,
     /// See `Volume.stale_replica_timeout_seconds`; `None` for the cluster default.
     pub stale_replica_timeout: Option<Duration>,
+    /// What it is filled from, e.g. "snapshot vol0/s1" (recorded as `Volume.filling_from`
+    /// until the fill is complete).
+    pub source: String,
 }
 
 /// The node to fill `v` through: `wanted`, or an up node holding one of its replicas
@@ -300,20 +303,23 @@ pub async fn fill_node(meta: &str, v: &Volume, wanted: Option<&str>) -> anyhow::
         .ok_or_else(|| user_error("no up node serves NBD"))
 }
 
-/// Creates `spec`, attaches it, runs `fill` with a client of its NBD export, flushes and
-/// detaches. On any failure after the create, the volume is detached and deleted again.
+/// Creates `spec` (marked as being filled from `spec.source`), attaches it, runs `fill` with
+/// a client of its NBD export, flushes, marks the fill complete and detaches. On any failure
+/// after the create, the volume is detached and deleted again; if this process dies, the
+/// mark stays and tells that the volume is not a complete copy.
 pub async fn fill_new_volume<T, F, Fut>(meta: &str, spec: &NewVolume, fill: F) -> anyhow::Result<T>
 where
     F: FnOnce(Arc<NbdClient>) -> Fut,
     Fut: Future<Output = anyhow::Result<T>>,
 {
-    let v = volume::create_async(
+    let v = volume::create_filling_async(
         meta,
         &spec.name,
         spec.size,
         spec.replicas,
         spec.data_locality,
         spec.stale_replica_timeout,
+        &spec.source,
     )
     .await?;
     let filled =
@@ -331,6 +337,7 @@ where
             let out = fill(client.clone()).await?;
             client.flush().await.context("flush the new volume")?;
             client.disconnect().await.context("disconnect")?;
+            volume::fill_done(meta, &spec.name).await?;
             anyhow::Ok(out)
         }
         .await;

@@ -1652,3 +1652,100 @@ fn a_call_on_a_busy_volume_is_aborted() {
         delete_twice(&s.a, "pvc-busy").await;
     });
 }
+
+/// A restore interrupted by a crash of the controller is not taken for a complete copy: the
+/// volume record keeps saying what it is being filled from, and the CO's retry of
+/// CreateVolume (to a restarted controller) discards it and fills it again. Every byte of
+/// the copy is then compared with the source.
+#[test]
+fn a_fill_cut_short_by_a_controller_crash_is_made_again() {
+    let Some(mut s) = setup() else { return };
+    runtime().block_on(async {
+        let cap = block_cap();
+        let mut c = s.a.controller().await;
+        c.create_volume(create_req("pvc-src", 192 * MIB, cap.clone()))
+            .await
+            .unwrap();
+        let p = paths(&s.dir, "node-1", "pvc-src", "pod-1");
+        bring_up(&s.a, &s.a, "pvc-src", &cap, &p).await;
+        for k in 0..160u64 {
+            write_block(&p.target, k << 20, &content(k, 1 << 20));
+        }
+        tear_down(&s.a, &s.a, "pvc-src", &p).await;
+        let snap = c
+            .create_snapshot(pb::CreateSnapshotRequest {
+                source_volume_id: "pvc-src".into(),
+                name: "snapshot-src".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap();
+        let req = pb::CreateVolumeRequest {
+            volume_content_source: Some(pb::VolumeContentSource {
+                r#type: Some(pb::volume_content_source::Type::Snapshot(
+                    pb::volume_content_source::SnapshotSource {
+                        snapshot_id: snap.snapshot_id.clone(),
+                    },
+                )),
+            }),
+            ..create_req("pvc-copy", 192 * MIB, cap.clone())
+        };
+        let mut first = c.clone();
+        let first_req = req.clone();
+        let interrupted = tokio::spawn(async move { first.create_volume(first_req).await });
+        let filling = || {
+            let out = std::process::Command::new(cairn_bin())
+                .args(["volume", "get", "pvc-copy", "--json", "--meta", META])
+                .output()
+                .unwrap();
+            serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .ok()
+                .and_then(|v| v["filling_from"].as_str().map(str::to_owned))
+        };
+        wait_until(
+            "pvc-copy to be filling",
+            std::time::Duration::from_secs(60),
+            || filling().is_some(),
+        );
+        s.a.kill();
+        assert!(
+            interrupted.await.unwrap().is_err(),
+            "the call died with its controller"
+        );
+        assert_eq!(
+            filling().as_deref(),
+            Some("snapshot pvc-src/snapshot-src"),
+            "the unfinished fill is on record"
+        );
+
+        s.a = CsiProc::start_attaching(&s.dir, "all", "node-1", META, "fuse");
+        let mut c = s.a.controller().await;
+        let v = c
+            .create_volume(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        assert_eq!(v.volume_id, "pvc-copy");
+        assert_eq!(filling(), None, "the new fill completed");
+        let p2 = paths(&s.dir, "node-2", "pvc-copy", "pod-2");
+        bring_up(&s.a, &s.b, "pvc-copy", &cap, &p2).await;
+        for k in 0..192u64 {
+            let want = if k < 160 {
+                content(k, 1 << 20)
+            } else {
+                vec![0; 1 << 20]
+            };
+            assert!(
+                read_block(&p2.target, k << 20, 1 << 20) == want,
+                "MiB {k} of the copy"
+            );
+        }
+        tear_down(&s.a, &s.b, "pvc-copy", &p2).await;
+        delete_twice(&s.a, "pvc-copy").await;
+    });
+}

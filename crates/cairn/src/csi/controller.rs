@@ -150,6 +150,7 @@ impl ControllerService {
             data_locality: params.data_locality,
             node: None,
             stale_replica_timeout: params.stale_timeout,
+            source: source.map(Source::describe).unwrap_or_default(),
         };
         let made = match source {
             None => volume::create_async(
@@ -299,6 +300,17 @@ enum Source {
     Snapshot { volume: String, snap: String },
     Backup { name: String, target: String },
     Volume(String),
+}
+
+impl Source {
+    /// What the volume record's `filling_from` says while it is filled.
+    fn describe(&self) -> String {
+        match self {
+            Source::Snapshot { volume, snap } => format!("snapshot {volume}/{snap}"),
+            Source::Backup { name, .. } => format!("backup {name}"),
+            Source::Volume(v) => format!("volume {v}"),
+        }
+    }
 }
 
 /// The volume condition CSI reports for `v`: abnormal while degraded or faulted.
@@ -502,7 +514,24 @@ impl Controller for ControllerService {
         };
         let _busy = self.inflight.begin(&name)?;
         let context = params.context();
-        if let Some(v) = self.volume(&name).await? {
+        let mut existing = self.volume(&name).await?;
+        if let Some(v) = existing.as_ref().filter(|v| !v.filling_from.is_empty()) {
+            // A fill that no call is running (this one holds the name): its process died.
+            // The volume is not a complete copy; make it again from the start.
+            tracing::warn!(
+                volume = name,
+                from = v.filling_from,
+                "discarding a volume whose fill did not finish"
+            );
+            volume::detach_async(&self.meta, &name)
+                .await
+                .map_err(internal)?;
+            volume::delete_async(&self.meta, &name)
+                .await
+                .map_err(internal)?;
+            existing = None;
+        }
+        if let Some(v) = existing {
             if v.state == VolumeState::Deleting as i32 {
                 return Err(Status::aborted(format!("volume {name} is being deleted")));
             }
