@@ -79,7 +79,6 @@ impl std::fmt::Display for ExpandError {
 impl std::error::Error for ExpandError {}
 
 /// How long [`expand_async`] waits for the attached engine.
-#[allow(dead_code)] // Used by the CSI controller (ControllerExpandVolume).
 pub const EXPAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Grows volume `name` to `new_size` bytes (see `cairn volume expand`) and returns the
