@@ -19,6 +19,7 @@ use std::net::SocketAddr;
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use cairn_csi::host::attach::{AttachConfig, AttachMode, Attacher, DetachOutcome};
 use cairn_csi::host::loopdev;
@@ -28,7 +29,8 @@ use cairn_csi::host::{have_tool, HostError};
 
 use common::{
     attach_config, can_run, helper_pid, o_direct_read, o_direct_write, pattern, process_alive,
-    refused_uri, wait_for, write_synced, DetachAll, NbdKit, Unmount, MIB,
+    refused_uri, try_o_direct_read, try_o_direct_write, wait_for, write_synced, DetachAll, NbdKit,
+    Unmount, MIB,
 };
 
 /// Not a test on its own: the `cairn nbd-file` process of the other tests, run by the script
@@ -45,6 +47,7 @@ fn nbd_file_server_process() {
         uri: String::new(),
         pidfile: None,
         read_only: false,
+        dead_timeout: Duration::from_secs(120),
     };
     let mut positional = Vec::new();
     let mut rest = args[at + 1..].iter();
@@ -52,6 +55,9 @@ fn nbd_file_server_process() {
         match a.as_str() {
             "--pidfile" => opts.pidfile = rest.next().map(PathBuf::from),
             "--read-only" => opts.read_only = true,
+            "--dead-timeout" => {
+                opts.dead_timeout = rest.next().map(|d| parse_duration(d)).expect("DURATION")
+            }
             p => positional.push(p.to_string()),
         }
     }
@@ -63,20 +69,35 @@ fn nbd_file_server_process() {
     }
 }
 
-/// Writes `dir/cairn`: a script that runs this test binary as the `cairn nbd-file` server.
-/// With `CAIRN_TEST_CAIRN_BIN` set, that binary is used instead (e.g. `target/debug/cairn`).
-fn fake_cairn(dir: &Path) -> PathBuf {
-    if let Some(real) = std::env::var_os("CAIRN_TEST_CAIRN_BIN") {
-        return PathBuf::from(real);
+/// `120s`, `1s` or `500ms` (what the tests pass; the real binary takes any humantime duration).
+fn parse_duration(d: &str) -> Duration {
+    match d.strip_suffix("ms") {
+        Some(ms) => Duration::from_millis(ms.parse().expect("DURATION")),
+        None => Duration::from_secs(d.trim_end_matches('s').parse().expect("DURATION")),
     }
-    let exe = std::env::current_exe().unwrap();
+}
+
+/// Writes `dir/cairn`: a script that runs this test binary as the `cairn nbd-file` server,
+/// passing `extra` flags after the attacher's arguments. With `CAIRN_TEST_CAIRN_BIN` set, that
+/// binary is used instead (e.g. `target/debug/cairn`), itself if there are no extra flags.
+fn fake_cairn(dir: &Path, extra: &[&str]) -> PathBuf {
+    let real = std::env::var_os("CAIRN_TEST_CAIRN_BIN");
+    if extra.is_empty() {
+        if let Some(real) = real {
+            return PathBuf::from(real);
+        }
+    }
+    let exe = match &real {
+        Some(real) => format!("'{}'", Path::new(real).display()),
+        None => format!(
+            "'{}' --exact --nocapture --test-threads=1 nbd_file_server_process --",
+            std::env::current_exe().unwrap().display()
+        ),
+    };
     let path = dir.join("cairn");
     std::fs::write(
         &path,
-        format!(
-            "#!/bin/sh\nexec '{}' --exact --nocapture --test-threads=1 nbd_file_server_process -- \"$@\"\n",
-            exe.display()
-        ),
+        format!("#!/bin/sh\nexec {exe} \"$@\" {}\n", extra.join(" ")),
     )
     .unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -144,8 +165,13 @@ impl FileExport {
 }
 
 fn attacher(dir: &Path) -> (Attacher, AttachConfig) {
+    attacher_with(dir, &[])
+}
+
+/// An attacher whose `cairn nbd-file` helpers get `extra` flags.
+fn attacher_with(dir: &Path, extra: &[&str]) -> (Attacher, AttachConfig) {
     let mut cfg = attach_config(dir);
-    cfg.cairn = fake_cairn(dir);
+    cfg.cairn = fake_cairn(dir, extra);
     (Attacher::with_config(cfg.clone()).unwrap(), cfg)
 }
 
@@ -502,4 +528,109 @@ fn cairn_fuse_dead_helper_is_rebuilt() {
     assert!(matches!(err, HostError::HelperExited { .. }), "{err}");
     assert!(err.to_string().contains("connect"), "{err}");
     assert!(attacher.list().unwrap().is_empty());
+}
+
+/// How long nbdkit stays down in the reconnect tests: the outage under test, not a wait.
+const OUTAGE: Duration = Duration::from_millis(300);
+
+#[test]
+fn cairn_fuse_reconnects_when_the_server_restarts() {
+    let _serial = common::serial();
+    if !can_run(
+        "cairn_fuse_reconnects_when_the_server_restarts",
+        &["nbdkit", "fusermount3", "losetup"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = FileExport::start(dir.path(), 16 * MIB);
+    let (attacher, _) = attacher(dir.path());
+    let _cleanup = DetachAll(&attacher);
+    let a = attacher
+        .attach("vol-c", &server.kit.uri, AttachMode::CairnFuse, false)
+        .unwrap();
+    let pid = helper_pid(&attacher, "vol-c");
+    let before = pattern(20, 1 << 20);
+    o_direct_write(&a.device, 0, &before);
+    assert!(o_direct_read(&a.device, 0, before.len()) == before);
+
+    // The server dies; a write is issued while it is gone and held until it is back.
+    server.kit.kill();
+    let during = pattern(21, 1 << 20);
+    let writer = {
+        let (dev, data) = (a.device.clone(), during.clone());
+        std::thread::spawn(move || try_o_direct_write(&dev, 4 * MIB, &data))
+    };
+    std::thread::sleep(OUTAGE);
+    assert!(!writer.is_finished(), "a write completed without a server");
+    server.kit.start_again();
+    writer.join().unwrap().expect("the held write fails");
+
+    // Everything is there, through the device and in the export's file; the same helper
+    // serves it, and goes on serving after a second restart with writes in flight.
+    assert!(o_direct_read(&a.device, 0, before.len()) == before);
+    assert!(o_direct_read(&a.device, 4 * MIB, during.len()) == during);
+    assert!(server.image_bytes(0, before.len()) == before);
+    assert!(server.image_bytes(4 * MIB, during.len()) == during);
+    assert_eq!(helper_pid(&attacher, "vol-c"), pid);
+    assert!(process_alive(pid));
+
+    let writers: Vec<_> = (0..4u64)
+        .map(|t| {
+            let dev = a.device.clone();
+            std::thread::spawn(move || {
+                try_o_direct_write(&dev, 8 * MIB + t * MIB, &pattern(30 + t, 1 << 20))
+            })
+        })
+        .collect();
+    server.kit.restart();
+    for w in writers {
+        w.join().unwrap().expect("a write across the restart fails");
+    }
+    for t in 0..4u64 {
+        let want = pattern(30 + t, 1 << 20);
+        assert!(o_direct_read(&a.device, 8 * MIB + t * MIB, want.len()) == want);
+        assert!(server.image_bytes(8 * MIB + t * MIB, want.len()) == want);
+    }
+    assert!(o_direct_read(&a.device, 0, before.len()) == before);
+    detach_and_check_clean(&attacher, "vol-c", &a.device, pid);
+}
+
+#[test]
+fn cairn_fuse_fails_io_after_the_dead_timeout() {
+    let _serial = common::serial();
+    if !can_run(
+        "cairn_fuse_fails_io_after_the_dead_timeout",
+        &["nbdkit", "fusermount3", "losetup"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = FileExport::start(dir.path(), 16 * MIB);
+    let (attacher, _) = attacher_with(dir.path(), &["--dead-timeout", "1s"]);
+    let _cleanup = DetachAll(&attacher);
+    let a = attacher
+        .attach("vol-t", &server.kit.uri, AttachMode::CairnFuse, false)
+        .unwrap();
+    let pid = helper_pid(&attacher, "vol-t");
+    let data = pattern(40, 256 << 10);
+    o_direct_write(&a.device, 0, &data);
+
+    // Gone for longer than the timeout: the write is held for about that long, then fails.
+    server.kit.kill();
+    let started = Instant::now();
+    let err = try_o_direct_write(&a.device, MIB, &pattern(41, 256 << 10)).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let held = started.elapsed();
+    assert!(held >= Duration::from_millis(900), "failed after {held:?}");
+    let err = try_o_direct_read(&a.device, 0, data.len()).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+
+    // It gave up: a server back later does not bring the file back (as before reconnects).
+    server.kit.start_again();
+    let err = try_o_direct_read(&a.device, 0, data.len()).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(server.image_bytes(0, data.len()) == data);
+    assert!(process_alive(pid));
+    detach_and_check_clean(&attacher, "vol-t", &a.device, pid);
 }

@@ -3,8 +3,9 @@
 //!
 //! The mount holds a root directory with one regular file, `disk`, whose bytes are the export's.
 //! Every read, write, fsync, flush and fallocate of that file becomes NBD requests on a
-//! pipelined [`NbdClient`]; FUSE requests are answered from tokio tasks, so as many are in
-//! flight as the kernel sends (the loop driver with direct I/O sends them in parallel).
+//! pipelined [`NbdClient`](cairn_nbd::NbdClient); FUSE requests are answered from tokio tasks,
+//! so as many are in flight as the kernel sends (the loop driver with direct I/O sends them in
+//! parallel).
 //!
 //! # Resizing: SIGHUP
 //! NBD has no message announcing a new size, and a connection keeps the size of its handshake.
@@ -23,6 +24,21 @@
 //! the old connection. The resize is observed through `stat` of the file (attributes are never
 //! cached by the kernel: time-to-live zero); after that, `losetup -c` updates a loop device.
 //!
+//! # Reconnecting
+//! When a request fails because the connection broke (closed, or its socket failed; not an
+//! error reply, which goes to the caller), the server reconnects to the same URI, pausing
+//! 50 ms doubling to 2 s between attempts, for up to the dead-connection timeout
+//! (`--dead-timeout`), like the kernel NBD client's dead-connection timeout. Meanwhile new
+//! requests are held: they fail at once on the broken connection and wait in line with the
+//! ones that failed before them. The new connection is swapped in as for a resize (without the
+//! flush, impossible on a dead connection) and must be of the same size or larger; then the
+//! held requests are sent again, in the order they failed (only requests that arrive during
+//! the swap itself, a moment with no request in flight, go before them). Reads, writes,
+//! write-zeroes and flushes are idempotent at their offsets, so a request the old server may
+//! have carried out is safe to repeat. Past the timeout, or if the export shrank, the server
+//! gives up (logged): every request fails with `EIO` from then on. One swap (resize or
+//! reconnect) at a time.
+//!
 //! # Guarantees
 //! - The file is opened with `FOPEN_DIRECT_IO`: no page cache; a write is acknowledged once the
 //!   export acknowledged it, and fsync or flush (close) sends `NBD_CMD_FLUSH`.
@@ -40,14 +56,12 @@
 
 use std::ffi::OsStr;
 use std::io::Write;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use cairn_nbd::{NbdClient, NbdClientError};
+use cairn_nbd::NbdClientError;
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, KernelConfig,
     LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
@@ -55,21 +69,19 @@ use fuser::{
 };
 use tokio::runtime::Handle;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::Semaphore;
 
 use super::attach::NbdUri;
 use super::error::HostError;
+use export::{connect, Export};
+
+mod export;
 
 /// Name of the one file in the mount.
 pub const DISK_NAME: &str = "disk";
 
 const DISK_INO: INodeNo = INodeNo(2);
-/// Requests in flight at most (the gate's permits).
-const MAX_IN_FLIGHT: u32 = 1024;
 /// Largest FUSE write (and read): 1 MiB, what the loop driver sends at most anyway.
 const MAX_WRITE: u32 = 1 << 20;
-/// Longest `NBD_CMD_WRITE_ZEROES` sent for one fallocate: larger ranges are split.
-const ZERO_CHUNK: u64 = 32 << 20;
 /// Background (async direct I/O) requests the kernel may queue.
 const MAX_BACKGROUND: u16 = 128;
 /// How long the final disconnect may take once the mount is gone.
@@ -86,6 +98,8 @@ pub struct NbdFileOptions {
     pub pidfile: Option<PathBuf>,
     /// Mount read-only.
     pub read_only: bool,
+    /// How long a broken connection is retried (requests held) before they fail with `EIO`.
+    pub dead_timeout: Duration,
 }
 
 /// Why [`run`] failed.
@@ -125,7 +139,7 @@ pub enum NbdFileError {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// A resize found the export smaller than the connection in use.
+    /// A resize or reconnect found the export smaller than the connection in use.
     #[error("the export shrank from {old} to {new} bytes; keeping the old connection")]
     Shrunk { old: u64, new: u64 },
     /// A resize could not flush the old connection, so it keeps it.
@@ -147,7 +161,7 @@ pub fn run(opts: NbdFileOptions) -> Result<(), NbdFileError> {
         .map_err(NbdFileError::Runtime)?;
     let client = rt.block_on(connect(&uri))?;
     tracing::info!(uri = %uri, size = client.size(), mountpoint = %opts.mountpoint.display(), "connected");
-    let export = Arc::new(Export::new(uri, client, opts.read_only));
+    let export = Arc::new(Export::new(uri, client, opts.read_only, opts.dead_timeout));
     // Signal handlers first: SIGHUP's default action would kill a server signalled early.
     let (mut hup, mut term, mut int) = rt
         .block_on(async {
@@ -241,243 +255,6 @@ fn write_pidfile(path: &Path) -> std::io::Result<()> {
     writeln!(f, "{}", std::process::id())?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
-}
-
-/// Resolves the URI's host and opens the export on the first address that answers.
-async fn connect(uri: &NbdUri) -> Result<NbdClient, NbdFileError> {
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((uri.host.as_str(), uri.port))
-        .await
-        .map_err(|source| NbdFileError::Resolve {
-            host: uri.host.clone(),
-            port: uri.port,
-            source,
-        })?
-        .collect();
-    let mut last = NbdClientError::Closed(format!("{} resolved to no address", uri.host));
-    for addr in addrs {
-        match NbdClient::connect(addr, &uri.export).await {
-            Ok(c) => return Ok(c),
-            Err(e) => last = e,
-        }
-    }
-    Err(NbdFileError::Connect {
-        uri: uri.to_string(),
-        source: last,
-    })
-}
-
-/// The export behind the file: the connection in use, its size, and the request gate.
-struct Export {
-    uri: NbdUri,
-    read_only: bool,
-    /// Swapped only while the gate is closed (every permit held by the resize).
-    conn: RwLock<Arc<NbdClient>>,
-    /// The size of `conn`'s export, for `getattr`.
-    size: AtomicU64,
-    gate: Semaphore,
-}
-
-impl Export {
-    fn new(uri: NbdUri, client: NbdClient, read_only: bool) -> Export {
-        Export {
-            uri,
-            read_only,
-            size: AtomicU64::new(client.size()),
-            conn: RwLock::new(Arc::new(client)),
-            gate: Semaphore::new(MAX_IN_FLIGHT as usize),
-        }
-    }
-
-    fn size(&self) -> u64 {
-        self.size.load(Ordering::Acquire)
-    }
-
-    fn current(&self) -> Arc<NbdClient> {
-        Arc::clone(&self.conn.read().unwrap_or_else(|p| p.into_inner()))
-    }
-
-    /// Runs one request on the current connection, holding a permit of the gate throughout.
-    async fn with_conn<T, F, Fut>(&self, f: F) -> Result<T, Errno>
-    where
-        F: FnOnce(Arc<NbdClient>) -> Fut,
-        Fut: std::future::Future<Output = Result<T, Errno>>,
-    {
-        // The gate is never closed: acquire fails only then.
-        let _permit = self.gate.acquire().await.map_err(|_| Errno::EIO)?;
-        f(self.current()).await
-    }
-
-    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, Errno> {
-        self.with_conn(|c| async move {
-            match clip(offset, u64::from(len), c.size()) {
-                0 => Ok(Bytes::new()),
-                n => c
-                    .read(offset, u32::try_from(n).map_err(|_| Errno::EINVAL)?)
-                    .await
-                    .map_err(|e| errno(&e)),
-            }
-        })
-        .await
-    }
-
-    async fn write(&self, offset: u64, data: Bytes) -> Result<u32, Errno> {
-        self.with_conn(|c| async move {
-            let len = data.len() as u64;
-            let n = clip(offset, len, c.size());
-            if n == 0 && len > 0 {
-                return Err(Errno::ENOSPC);
-            }
-            let n32 = u32::try_from(n).map_err(|_| Errno::EINVAL)?;
-            c.write(offset, data.slice(..n32 as usize))
-                .await
-                .map_err(|e| errno(&e))?;
-            Ok(n32)
-        })
-        .await
-    }
-
-    async fn flush(&self) -> Result<(), Errno> {
-        self.with_conn(|c| async move {
-            match c.flush().await {
-                Ok(()) | Err(NbdClientError::Unsupported(_)) => Ok(()),
-                Err(e) => Err(errno(&e)),
-            }
-        })
-        .await
-    }
-
-    async fn fallocate(&self, offset: u64, length: u64, mode: i32) -> Result<(), Errno> {
-        self.with_conn(|c| async move {
-            let Some((start, len)) = fallocate_zero_range(offset, length, mode, c.size())? else {
-                return Ok(());
-            };
-            let mut at = start;
-            let end = start + len;
-            while at < end {
-                let n = (end - at).min(ZERO_CHUNK);
-                c.write_zeroes(at, u32::try_from(n).map_err(|_| Errno::EINVAL)?)
-                    .await
-                    .map_err(|e| match e {
-                        NbdClientError::Unsupported(_) => Errno::ENOTSUP,
-                        e => errno(&e),
-                    })?;
-                at += n;
-            }
-            Ok(())
-        })
-        .await
-    }
-
-    /// Reconnects and, if the export grew, swaps the new connection in (see the module docs).
-    /// Returns the old and new sizes when it swapped.
-    async fn resize(&self) -> Result<Option<(u64, u64)>, NbdFileError> {
-        let new = connect(&self.uri).await?;
-        let old = self.current();
-        let (old_size, new_size) = (old.size(), new.size());
-        if new_size <= old_size {
-            if let Err(e) = new.disconnect().await {
-                tracing::debug!(error = %e, "disconnect of the probe connection");
-            }
-            return if new_size == old_size {
-                Ok(None)
-            } else {
-                Err(NbdFileError::Shrunk {
-                    old: old_size,
-                    new: new_size,
-                })
-            };
-        }
-        tracing::info!(
-            old_size,
-            new_size,
-            "export grew; draining requests to swap connections"
-        );
-        let all = self
-            .gate
-            .acquire_many(MAX_IN_FLIGHT)
-            .await
-            .map_err(|_| NbdFileError::ResizeFlush(NbdClientError::Closed("gate".into())))?;
-        match old.flush().await {
-            Ok(()) | Err(NbdClientError::Unsupported(_)) => {}
-            Err(e) => {
-                drop(all);
-                let _ = new.disconnect().await;
-                return Err(NbdFileError::ResizeFlush(e));
-            }
-        }
-        *self.conn.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
-        self.size.store(new_size, Ordering::Release);
-        drop(all);
-        // Nothing uses the old connection any more: every request that took it has finished.
-        if let Err(e) = old.disconnect().await {
-            tracing::warn!(error = %e, "disconnect of the old connection");
-        }
-        Ok(Some((old_size, new_size)))
-    }
-}
-
-/// How many of `len` bytes at `offset` lie inside a file of `size` bytes.
-fn clip(offset: u64, len: u64, size: u64) -> u64 {
-    size.saturating_sub(offset).min(len)
-}
-
-const FALLOC_FL_KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
-const FALLOC_FL_PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE;
-const FALLOC_FL_ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE;
-
-/// What a fallocate of a file of `size` bytes amounts to: `None` (nothing to do) or a range to
-/// zero, clipped to the file; errors for what a fixed-size file cannot do.
-fn fallocate_zero_range(
-    offset: u64,
-    length: u64,
-    mode: i32,
-    size: u64,
-) -> Result<Option<(u64, u64)>, Errno> {
-    let end = offset.checked_add(length).ok_or(Errno::EFBIG)?;
-    if length == 0 {
-        return Err(Errno::EINVAL);
-    }
-    let zero = mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE);
-    if mode & !(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) != 0
-        || zero == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE
-    {
-        return Err(Errno::ENOTSUP);
-    }
-    if zero == 0 {
-        // Plain allocation: the export is all there; it cannot grow the file.
-        return if end > size && mode & FALLOC_FL_KEEP_SIZE == 0 {
-            Err(Errno::ENOSPC)
-        } else {
-            Ok(None)
-        };
-    }
-    if zero == FALLOC_FL_PUNCH_HOLE && mode & FALLOC_FL_KEEP_SIZE == 0 {
-        return Err(Errno::EINVAL); // As fallocate(2) demands.
-    }
-    Ok(match clip(offset, length, size) {
-        0 => None,
-        n => Some((offset, n)),
-    })
-}
-
-/// The errno a FUSE caller gets for a failed NBD request. The server's NBD error values are
-/// Linux errno values; anything else (a dead connection) is `EIO`.
-fn errno(e: &NbdClientError) -> Errno {
-    match e {
-        NbdClientError::Server { errno, .. } => match *errno {
-            1 => Errno::EPERM,
-            12 => Errno::ENOMEM,
-            22 => Errno::EINVAL,
-            28 => Errno::ENOSPC,
-            75 => Errno::from_i32(libc::EOVERFLOW),
-            95 => Errno::ENOTSUP,
-            108 => Errno::from_i32(libc::ESHUTDOWN),
-            _ => Errno::EIO,
-        },
-        NbdClientError::OutOfRange { .. } => Errno::EINVAL,
-        NbdClientError::Unsupported(_) => Errno::ENOTSUP,
-        _ => Errno::EIO,
-    }
 }
 
 /// The FUSE filesystem: `/` and `/disk`.
@@ -742,77 +519,5 @@ impl Filesystem for NbdFile {
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let blocks = self.export.size() / 4096;
         reply.statfs(blocks, 0, 0, 2, 0, 4096, 255, 4096);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn clipping_is_that_of_a_block_device() {
-        assert_eq!(clip(0, 4096, 8192), 4096);
-        assert_eq!(clip(4096, 8192, 8192), 4096);
-        assert_eq!(clip(8192, 4096, 8192), 0);
-        assert_eq!(clip(u64::MAX, 4096, 8192), 0);
-    }
-
-    #[test]
-    fn fallocate_modes() {
-        let size = 1 << 20;
-        let punch = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
-        assert_eq!(
-            fallocate_zero_range(4096, 8192, punch, size),
-            Ok(Some((4096, 8192)))
-        );
-        // Clipped to the file; past it, nothing to do.
-        assert_eq!(
-            fallocate_zero_range(size - 4096, 8192, punch, size),
-            Ok(Some((size - 4096, 4096)))
-        );
-        assert_eq!(fallocate_zero_range(size, 4096, punch, size), Ok(None));
-        assert_eq!(
-            fallocate_zero_range(0, 4096, FALLOC_FL_ZERO_RANGE, size),
-            Ok(Some((0, 4096)))
-        );
-        assert_eq!(
-            fallocate_zero_range(0, 4096, FALLOC_FL_PUNCH_HOLE, size),
-            Err(Errno::EINVAL)
-        );
-        assert_eq!(fallocate_zero_range(0, size, 0, size), Ok(None));
-        assert_eq!(
-            fallocate_zero_range(0, size + 1, 0, size),
-            Err(Errno::ENOSPC)
-        );
-        assert_eq!(
-            fallocate_zero_range(0, size + 1, FALLOC_FL_KEEP_SIZE, size),
-            Ok(None)
-        );
-        assert_eq!(
-            fallocate_zero_range(0, 4096, libc::FALLOC_FL_COLLAPSE_RANGE, size),
-            Err(Errno::ENOTSUP)
-        );
-        assert_eq!(
-            fallocate_zero_range(u64::MAX, 2, punch, size),
-            Err(Errno::EFBIG)
-        );
-        assert_eq!(fallocate_zero_range(0, 0, punch, size), Err(Errno::EINVAL));
-    }
-
-    #[test]
-    fn nbd_errors_map_to_errnos() {
-        let server = |errno| NbdClientError::Server {
-            errno,
-            op: "WRITE",
-            offset: 1,
-            len: 1,
-        };
-        assert_eq!(errno(&server(22)), Errno::EINVAL);
-        assert_eq!(errno(&server(28)), Errno::ENOSPC);
-        assert_eq!(errno(&server(1)), Errno::EPERM);
-        assert_eq!(errno(&server(5)), Errno::EIO);
-        assert_eq!(errno(&server(12345)), Errno::EIO);
-        assert_eq!(errno(&NbdClientError::Closed("x".into())), Errno::EIO);
-        assert_eq!(errno(&NbdClientError::Unsupported("FLUSH")), Errno::ENOTSUP);
     }
 }

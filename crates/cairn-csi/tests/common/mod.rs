@@ -124,29 +124,37 @@ impl Drop for AlignedBuf {
 
 /// Writes `data` at `offset` of `dev` with O_DIRECT, then syncs.
 pub fn o_direct_write(dev: &Path, offset: u64, data: &[u8]) {
+    try_o_direct_write(dev, offset, data).unwrap();
+}
+
+/// Writes `data` at `offset` of `dev` with O_DIRECT, then syncs; the first error.
+pub fn try_o_direct_write(dev: &Path, offset: u64, data: &[u8]) -> std::io::Result<()> {
     let mut buf = AlignedBuf::new(data.len());
     buf.as_mut().copy_from_slice(data);
     let mut f = OpenOptions::new()
         .write(true)
         .custom_flags(libc::O_DIRECT)
-        .open(dev)
-        .unwrap();
-    f.seek(SeekFrom::Start(offset)).unwrap();
-    f.write_all(buf.as_ref()).unwrap();
-    f.sync_all().unwrap();
+        .open(dev)?;
+    f.seek(SeekFrom::Start(offset))?;
+    f.write_all(buf.as_ref())?;
+    f.sync_all()
 }
 
 /// Reads `len` bytes at `offset` of `dev` with O_DIRECT.
 pub fn o_direct_read(dev: &Path, offset: u64, len: usize) -> Vec<u8> {
+    try_o_direct_read(dev, offset, len).unwrap()
+}
+
+/// Reads `len` bytes at `offset` of `dev` with O_DIRECT; the first error.
+pub fn try_o_direct_read(dev: &Path, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
     let mut buf = AlignedBuf::new(len);
     let mut f = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECT)
-        .open(dev)
-        .unwrap();
-    f.seek(SeekFrom::Start(offset)).unwrap();
-    f.read_exact(buf.as_mut()).unwrap();
-    buf.as_ref().to_vec()
+        .open(dev)?;
+    f.seek(SeekFrom::Start(offset))?;
+    f.read_exact(buf.as_mut())?;
+    Ok(buf.as_ref().to_vec())
 }
 
 /// Live and not a zombie.
@@ -192,8 +200,18 @@ impl NbdKit {
 
     /// Kills the server (its connections die with it) and starts it again on the same port.
     pub fn restart(&mut self) {
+        self.kill();
+        self.start_again();
+    }
+
+    /// Kills the server (`SIGKILL`; its connections die with it) and reaps it.
+    pub fn kill(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
+    }
+
+    /// Starts the killed server again on the same port.
+    pub fn start_again(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(child) = spawn_nbdkit(&self.dir, self.port, &self.plugin_args) {
