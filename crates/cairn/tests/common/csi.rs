@@ -105,9 +105,38 @@ impl CsiProc {
 }
 
 impl Drop for CsiProc {
+    /// Kills the process, then undoes whatever its node service left attached (a test
+    /// that failed midway): the mounts under the test's directory, then each attachment
+    /// (loop device, FUSE helper, state), so no test leaves devices behind.
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let Ok(attacher) = cairn_csi::host::attach::Attacher::new(&self.state_dir) else {
+            return;
+        };
+        // Every mount under the test's directory (kubelet staging and pod paths, binds of
+        // device nodes included), innermost first.
+        let root = self
+            .state_dir
+            .parent()
+            .unwrap_or(&self.state_dir)
+            .to_owned();
+        let mut mounts: Vec<PathBuf> = cairn_csi::host::mountinfo::read()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| e.mount_point)
+            // Not the FUSE mounts of attachments: their detach below takes them down.
+            .filter(|m| m.starts_with(&root) && !m.to_string_lossy().contains("/csi-state-"))
+            .collect();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
+        for m in mounts {
+            let _ = cairn_csi::host::mount::unmount(&m);
+        }
+        for st in attacher.list().unwrap_or_default() {
+            if let Err(e) = attacher.detach(&st.volume_id) {
+                eprintln!("cleanup: detach {} on {}: {e}", st.volume_id, self.node);
+            }
+        }
     }
 }
 
