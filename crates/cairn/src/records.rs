@@ -19,8 +19,8 @@ use std::time::Duration;
 use anyhow::Context;
 use cairn_proto::v1::meta_client::MetaClient;
 use cairn_proto::v1::{
-    record, DataLocality, Disk, Kind, ListRequest, Node, NodeState, Record, Replica, ReplicaHealth,
-    ReplicaMode, Volume, VolumeState,
+    record, DataLocality, Disk, GetRequest, Key, Kind, ListRequest, Node, NodeState, Record,
+    Replica, ReplicaHealth, ReplicaMode, Volume, VolumeState,
 };
 use clap::Args;
 use serde::Serialize;
@@ -110,6 +110,26 @@ pub fn client(addr: &str) -> anyhow::Result<MetaClient<Channel>> {
         ),
     };
     Ok(MetaClient::new(ch))
+}
+
+/// Get of one record; `Ok(None)` when meta has none.
+pub async fn get(
+    client: &mut MetaClient<Channel>,
+    addr: &str,
+    kind: Kind,
+    name: &str,
+) -> anyhow::Result<Option<record::Record>> {
+    let req = GetRequest {
+        key: Some(Key {
+            kind: kind as i32,
+            name: name.to_owned(),
+        }),
+    };
+    match client.get(req).await {
+        Ok(r) => Ok(r.into_inner().record.and_then(|r| r.record)),
+        Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+        Err(s) => Err(status_error(addr, &s)),
+    }
 }
 
 /// Turns a status meta returned into an error: the codes a user can act on become

@@ -26,8 +26,8 @@ use anyhow::Context;
 use cairn_engine::Link;
 use cairn_proto::v1::meta_client::MetaClient;
 use cairn_proto::v1::{
-    record, CreateRequest, DeleteRequest, GetRequest, Key, Kind, Node, Record, Replica,
-    ReplicaMode, Snapshot, UpdateRequest, Volume,
+    record, CreateRequest, DeleteRequest, Key, Kind, Node, Record, Replica, ReplicaMode, Snapshot,
+    UpdateRequest, Volume,
 };
 use cairn_wire::{ReplyBody, Request};
 use clap::Subcommand;
@@ -158,32 +158,12 @@ fn validate(volume: &str, name: Option<&str>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Get of one record; `Ok(None)` when meta has none.
-async fn get(
-    client: &mut MetaClient<Channel>,
-    addr: &str,
-    kind: Kind,
-    name: &str,
-) -> anyhow::Result<Option<record::Record>> {
-    let req = GetRequest {
-        key: Some(Key {
-            kind: kind as i32,
-            name: name.to_owned(),
-        }),
-    };
-    match client.get(req).await {
-        Ok(r) => Ok(r.into_inner().record.and_then(|r| r.record)),
-        Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
-        Err(s) => Err(status_error(addr, &s)),
-    }
-}
-
 async fn volume_record(
     client: &mut MetaClient<Channel>,
     addr: &str,
     name: &str,
 ) -> anyhow::Result<Volume> {
-    match get(client, addr, Kind::Volume, name).await? {
+    match records::get(client, addr, Kind::Volume, name).await? {
         Some(record::Record::Volume(v)) => Ok(v),
         Some(other) => anyhow::bail!("meta answered Get of volume {name} with {other:?}"),
         None => Err(user_error(format!("no volume {name}"))),
@@ -195,7 +175,7 @@ async fn snapshot_record(
     addr: &str,
     name: &str,
 ) -> anyhow::Result<Option<Snapshot>> {
-    match get(client, addr, Kind::Snapshot, name).await? {
+    match records::get(client, addr, Kind::Snapshot, name).await? {
         Some(record::Record::Snapshot(s)) => Ok(Some(s)),
         Some(other) => anyhow::bail!("meta answered Get of snapshot {name} with {other:?}"),
         None => Ok(None),
@@ -211,7 +191,7 @@ async fn endpoint_of(
     if v.attached_node.is_empty() {
         return Ok(None);
     }
-    let node: Node = match get(client, addr, Kind::Node, &v.attached_node).await? {
+    let node: Node = match records::get(client, addr, Kind::Node, &v.attached_node).await? {
         Some(record::Record::Node(n)) => n,
         _ => {
             return Err(user_error(format!(

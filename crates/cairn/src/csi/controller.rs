@@ -56,20 +56,9 @@ impl ControllerService {
         pick: impl Fn(record::Record) -> Option<T>,
     ) -> Result<Option<T>, Status> {
         let mut client = records::client(&self.meta).map_err(internal)?;
-        let req = cairn_proto::v1::GetRequest {
-            key: Some(cairn_proto::v1::Key {
-                kind: kind as i32,
-                name: name.to_owned(),
-            }),
-        };
-        match client.get(req).await {
-            Ok(r) => Ok(r.into_inner().record.and_then(|r| r.record).and_then(pick)),
-            Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
-            Err(s) => Err(Status::unavailable(format!(
-                "meta at {}: {}",
-                self.meta,
-                s.message()
-            ))),
+        match records::get(&mut client, &self.meta, kind, name).await {
+            Ok(r) => Ok(r.and_then(pick)),
+            Err(e) => Err(Status::unavailable(format!("{e:#}"))),
         }
     }
 

@@ -6,15 +6,11 @@
 //! concurrent writer (controllers, agents) is retried, never overwritten. Errors that are
 //! the caller's carry an [`ExpandError`].
 
-use std::net::SocketAddr;
-
-use anyhow::Context;
 use cairn_proto::v1::meta_client::MetaClient;
 use cairn_proto::v1::{record, GetRequest, Key, Kind, Record, UpdateRequest, Volume, VolumeState};
 use tonic::transport::Channel;
 
-use super::ops::get_record;
-use crate::control::{self, ControlReply, ControlRequest};
+use super::ops::{get_record, poll_status};
 use crate::records::{self, status_error, user_error};
 
 /// Why [`expand_async`] refused or did not finish. The CSI controller maps these to gRPC
@@ -173,39 +169,22 @@ async fn wait_size(
         record::Record::Node(n) => n,
         other => anyhow::bail!("meta answered Get of node {node} with {other:?}"),
     };
-    let endpoint: SocketAddr = n
-        .control_address
-        .parse()
-        .with_context(|| format!("node {node} has no control address"))?;
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let req = ControlRequest::Status {
-            volume: v.name.clone(),
-        };
-        let r = tokio::task::spawn_blocking(move || control::call(endpoint, &req)).await?;
-        let last = match r {
-            Ok(ControlReply::Status(s)) => {
-                let size = s.get("size").and_then(serde_json::Value::as_u64);
-                match size {
-                    Some(size) if size >= v.size_bytes => return Ok(()),
-                    Some(size) => format!("it serves {size} bytes"),
-                    None => "its status has no size".to_owned(),
-                }
-            }
-            Ok(ControlReply::Error(e)) => e,
-            Ok(other) => format!("{other:?}"),
-            Err(e) => e.to_string(),
-        };
-        if tokio::time::Instant::now() > deadline {
-            return Err(ExpandError::NotServed {
-                name: v.name.clone(),
-                size: v.size_bytes,
-                node: node.clone(),
-                waited: timeout,
-                last,
-            }
-            .into());
+    let served = poll_status(&n, &v.name, timeout, |s| {
+        match s.get("size").and_then(serde_json::Value::as_u64) {
+            Some(size) if size >= v.size_bytes => None,
+            Some(size) => Some(format!("it serves {size} bytes")),
+            None => Some("its status has no size".to_owned()),
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    })
+    .await?;
+    served.map_err(|last| {
+        ExpandError::NotServed {
+            name: v.name.clone(),
+            size: v.size_bytes,
+            node: node.clone(),
+            waited: timeout,
+            last,
+        }
+        .into()
+    })
 }

@@ -133,20 +133,46 @@ pub async fn create_filling_async(
 /// Marks the fill of volume `name` complete (clears `filling_from`).
 pub async fn fill_done(addr: &str, name: &str) -> anyhow::Result<()> {
     let mut client = records::client(addr)?;
+    change_volume(&mut client, addr, name, |v| {
+        Ok(!std::mem::take(&mut v.filling_from).is_empty())
+    })
+    .await
+    .map(drop)
+}
+
+/// Reads volume `name`, lets `change` edit it (it returns whether it changed anything) and
+/// writes it back from the version read; a concurrent write (an agent or a controller
+/// updating the record) makes it read and decide again. Returns the record as stored.
+pub async fn change_volume(
+    client: &mut MetaClient<Channel>,
+    addr: &str,
+    name: &str,
+    mut change: impl FnMut(&mut Volume) -> anyhow::Result<bool>,
+) -> anyhow::Result<Volume> {
     for _ in 0..20 {
-        let mut v = get_volume_async(&mut client, addr, name).await?;
-        if v.filling_from.is_empty() {
-            return Ok(());
+        let mut v = get_volume_async(client, addr, name).await?;
+        if !change(&mut v)? {
+            return Ok(v);
         }
-        v.filling_from.clear();
-        match update_volume(&mut client, addr, v).await {
-            Ok(_) => return Ok(()),
-            // Changed meanwhile (an agent or a controller wrote it): read it again.
-            Err(e) if e.to_string().contains("changed meanwhile") => continue,
-            Err(e) => return Err(e),
+        let req = UpdateRequest {
+            record: Some(Record {
+                record: Some(record::Record::Volume(v)),
+            }),
+        };
+        match client.update(req).await {
+            Ok(r) => match r.into_inner().record.and_then(|r| r.record) {
+                Some(record::Record::Volume(v)) => return Ok(v),
+                other => anyhow::bail!("meta answered Update of volume {name} with {other:?}"),
+            },
+            // A version conflict: read it again.
+            Err(s) if s.code() == tonic::Code::Aborted => continue,
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                return Err(user_error(format!("no volume {name}")))
+            }
+            Err(s) => return Err(status_error(addr, &s)),
         }
     }
-    anyhow::bail!("volume {name} kept changing; its fill could not be marked complete")
+    anyhow::bail!("volume {name} kept changing under 20 attempts to update it")
 }
 
 /// The volume record `name`; a [`records::UserError`] when there is none.
@@ -284,6 +310,32 @@ pub async fn wait_served(
     v: &Volume,
     timeout: std::time::Duration,
 ) -> anyhow::Result<()> {
+    let served = poll_status(node, &v.name, timeout, |s| {
+        let epoch = s
+            .get("epoch")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        (epoch < v.epoch).then(|| format!("the engine runs at epoch {epoch}, below {}", v.epoch))
+    })
+    .await?;
+    served.map_err(|last| {
+        anyhow::anyhow!(
+            "node {} did not serve volume {} within {timeout:?}: {last}",
+            node.name,
+            v.name
+        )
+    })
+}
+
+/// Asks `node`'s control endpoint for the status of volume `name` every 100 ms until
+/// `pending` finds nothing missing in it (returns `None`), or `timeout` passes: then
+/// `Ok(Err(last))`, with what `pending` or the endpoint said last.
+pub(super) async fn poll_status(
+    node: &cairn_proto::v1::Node,
+    name: &str,
+    timeout: std::time::Duration,
+    pending: impl Fn(&serde_json::Value) -> Option<String>,
+) -> anyhow::Result<Result<(), String>> {
     let endpoint: SocketAddr = node
         .control_address
         .parse()
@@ -291,31 +343,20 @@ pub async fn wait_served(
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let req = ControlRequest::Status {
-            volume: v.name.clone(),
+            volume: name.to_owned(),
         };
         let r = tokio::task::spawn_blocking(move || control::call(endpoint, &req)).await?;
         let last = match r {
-            Ok(ControlReply::Status(s)) => {
-                let epoch = s
-                    .get("epoch")
-                    .and_then(serde_json::Value::as_u64)
-                    .unwrap_or(0);
-                if epoch >= v.epoch {
-                    return Ok(());
-                }
-                format!("the engine runs at epoch {epoch}, below {}", v.epoch)
-            }
+            Ok(ControlReply::Status(s)) => match pending(&s) {
+                None => return Ok(Ok(())),
+                Some(why) => why,
+            },
             Ok(ControlReply::Error(e)) => e,
             Ok(other) => format!("{other:?}"),
             Err(e) => e.to_string(),
         };
         if tokio::time::Instant::now() > deadline {
-            anyhow::bail!(
-                "node {} did not serve volume {} within {:?}: {last}",
-                node.name,
-                v.name,
-                timeout
-            );
+            return Ok(Err(last));
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
@@ -325,29 +366,31 @@ pub async fn wait_served(
 /// engine). Detaching a detached volume changes nothing.
 pub async fn detach_async(addr: &str, name: &str) -> anyhow::Result<()> {
     let mut client = records::client(addr)?;
-    let mut v = get_volume_async(&mut client, addr, name).await?;
-    if !v.attached_node.is_empty() {
-        v.attached_node.clear();
-        update_volume(&mut client, addr, v).await?;
-    }
-    Ok(())
+    change_volume(&mut client, addr, name, |v| {
+        Ok(!std::mem::take(&mut v.attached_node).is_empty())
+    })
+    .await
+    .map(drop)
 }
 
 /// Deletes volume `name` (refused while attached) and waits until meta removed the record.
 pub async fn delete_async(addr: &str, name: &str) -> anyhow::Result<()> {
     let mut client = records::client(addr)?;
-    let mut v = get_volume_async(&mut client, addr, name).await?;
-    if !v.attached_node.is_empty() {
-        return Err(user_error(format!(
-            "volume {name} is attached to node {}; detach it first",
-            v.attached_node
-        )));
-    }
-    if v.state != VolumeState::Deleting as i32 {
+    change_volume(&mut client, addr, name, |v| {
+        if !v.attached_node.is_empty() {
+            return Err(user_error(format!(
+                "volume {name} is attached to node {}; detach it first",
+                v.attached_node
+            )));
+        }
+        if v.state == VolumeState::Deleting as i32 {
+            return Ok(false);
+        }
         v.state = VolumeState::Deleting as i32;
         v.state_reason = "deleting: replicas are being removed".into();
-        update_volume(&mut client, addr, v).await?;
-    }
+        Ok(true)
+    })
+    .await?;
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         match get_volume_async(&mut client, addr, name).await {
